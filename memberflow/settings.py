@@ -1,0 +1,53 @@
+"""The one settings object: every URL, topic, and knob, read from MEMBERFLOW_* variables.
+
+Built once at start-up and passed down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_rules_file() -> Path:
+    return Path(str(resources.files("rules").joinpath("default_policy.yaml")))
+
+
+class Settings(BaseSettings):
+    """Operational settings. Domain thresholds live in the rules file, not here."""
+
+    model_config = SettingsConfigDict(env_prefix="MEMBERFLOW_", frozen=True, extra="ignore")
+
+    app_id: str = Field("memberflow", description="Kafka consumer group and Faust app id.")
+    broker_url: str = Field(
+        "kafka://127.0.0.1:9092", description="Kafka bootstrap servers, kafka://host:port[;...]."
+    )
+    broker_username: str | None = Field(None, description="SASL PLAIN user (None: no auth).")
+    broker_password: SecretStr | None = Field(None, description="SASL PLAIN password.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (rediss:// = TLS).")
+    redis_cluster: bool = Field(False, description="Talk to redis_url as a Redis Cluster.")
+    redis_password: SecretStr | None = Field(None, description="Redis password (AUTH).")
+    web_host: str = Field("127.0.0.1", description="Bind address of the worker's HTTP views.")
+    web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP views.")
+    purchases_topic: str = Field("purchases", description="Input topic, keyed by customer_id.")
+    notifications_topic: str = Field("notifications", description="Output notifications topic.")
+    dead_letter_topic: str = Field("purchases.dlq", description="Bad input, with the reason.")
+    partitions: int = Field(6, ge=1, description="Partitions of the topics memberflow creates.")
+    replication_factor: int = Field(1, ge=1, description="Replication of created topics.")
+    rules_file: Path = Field(default_factory=default_rules_file, description="Policy YAML file.")
+    clock: Literal["wall", "event"] = Field(
+        "wall", description="wall: live time; event: time follows the largest event time seen."
+    )
+    batch_max: int = Field(2000, ge=1, description="Max events per processing batch.")
+    batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a batch, seconds.")
+    broker_session_timeout_s: float = Field(10.0, gt=0, description="Consumer session timeout.")
+    broker_rebalance_timeout_s: float = Field(10.0, gt=0, description="Group rebalance timeout.")
+    broker_heartbeat_interval_s: float = Field(1.0, gt=0, description="Heartbeat interval.")
+    redis_retry_max_backoff_s: float = Field(
+        5.0, gt=0, description="Cap of the backoff while Redis is unreachable (retries forever)."
+    )
+    log_level: str = Field("info", description="Worker log level.")

@@ -1,0 +1,92 @@
+"""The policy model: tiers, window, currencies and input bounds, loaded from YAML and validated."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveMoney = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TierRule(_Strict):
+    """Entry rule of a tier: both thresholds must be met on the rolling window."""
+
+    name: str = Field(min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_-]*$")
+    min_window_spend: PositiveMoney = Decimal(0)
+    min_window_orders: int = Field(0, ge=0)
+
+
+class InputBounds(_Strict):
+    max_event_age_days: int = Field(730, ge=1)
+    max_future_skew_minutes: int = Field(10, ge=0)
+
+
+class Policy(_Strict):
+    version: str = Field(min_length=1, max_length=64)
+    base_currency: str = Field(pattern=r"^[A-Z]{3}$")
+    currencies: dict[str, Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]]
+    window_days: int = Field(365, ge=1, le=3650)
+    input: InputBounds = Field(default_factory=lambda: InputBounds.model_validate({}))
+    tiers: tuple[TierRule, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        if self.currencies.get(self.base_currency) != Decimal(1):
+            raise ValueError(f"currencies must map the base currency {self.base_currency} to 1")
+        names = [tier.name for tier in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        first = self.tiers[0]
+        if first.min_window_spend or first.min_window_orders:
+            raise ValueError(f"the first tier ({first.name}) is the entry tier: no thresholds")
+        for lower, upper in zip(self.tiers, self.tiers[1:], strict=False):
+            # Monotone thresholds make "the highest qualifying tier" well defined.
+            if (
+                upper.min_window_spend < lower.min_window_spend
+                or upper.min_window_orders < lower.min_window_orders
+            ):
+                raise ValueError(
+                    f"tier {upper.name} must not have lower thresholds than {lower.name}"
+                )
+            if (upper.min_window_spend, upper.min_window_orders) == (
+                lower.min_window_spend,
+                lower.min_window_orders,
+            ):
+                raise ValueError(f"tiers {lower.name} and {upper.name} have the same thresholds")
+        if self.input.max_event_age_days < self.window_days:
+            raise ValueError("input.max_event_age_days must be >= window_days")
+        return self
+
+    def tier_rank(self, name: str) -> int:
+        for rank, tier in enumerate(self.tiers):
+            if tier.name == name:
+                return rank
+        return 0  # a tier removed from the policy counts as the entry tier
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message says which file and what is wrong."""
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{source}: expected a mapping at the top level")
+    try:
+        return Policy.model_validate(raw)
+    except ValidationError as exc:
+        lines = [
+            f"  - {'.'.join(str(p) for p in err['loc']) or '<policy>'}: {err['msg']}"
+            for err in exc.errors(include_url=False)
+        ]
+        raise PolicyError(f"{source}: invalid policy:\n" + "\n".join(lines)) from exc

@@ -1,0 +1,1 @@
+"""Redis state: key formats, Lua scripts, and an in-memory store with the same Protocol."""

@@ -1,0 +1,169 @@
+"""Redis-backed store: one hash per customer, written by a compare-and-set Lua script.
+
+Each batch costs one pipelined round trip to load and one to save (per node on a Cluster),
+whatever its size. The version check inside the script makes a write from a worker that lost
+its partitions (a zombie after a rebalance) fail instead of overwriting newer state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
+
+from rules.customer import CustomerState
+from state import keys
+from state.store import Stored, Write
+from streams.events import Notification
+
+# KEYS[1] customer hash; ARGV[1] expected version; ARGV[2] state JSON; ARGV[3] outbox JSON or ''.
+SAVE_LUA = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if current ~= tonumber(ARGV[1]) then return -1 end
+local nextv = current + 1
+redis.call('HSET', KEYS[1], 'v', nextv, 's', ARGV[2])
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], 'o')
+else
+  redis.call('HSET', KEYS[1], 'o', ARGV[3])
+end
+return nextv
+"""
+
+# KEYS[1] customer hash; ARGV[1] version whose outbox has been produced.
+CLEAR_OUTBOX_LUA = """
+if tonumber(redis.call('HGET', KEYS[1], 'v') or '0') == tonumber(ARGV[1]) then
+  return redis.call('HDEL', KEYS[1], 'o')
+end
+return 0
+"""
+
+# KEYS[1] clock key; ARGV[1] candidate. Monotone max, so workers never move it backwards.
+ADVANCE_CLOCK_LUA = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local candidate = tonumber(ARGV[1])
+if candidate > current then redis.call('SET', KEYS[1], ARGV[1]) return candidate end
+return current
+"""
+
+AnyRedis = Redis | RedisCluster
+
+
+def connect(url: str, cluster: bool = False, password: str | None = None) -> AnyRedis:
+    options: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5}
+    if password is not None:
+        options["password"] = password
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    return Redis.from_url(url, **options)
+
+
+def _outbox_json(outbox: Sequence[Notification]) -> str:
+    if not outbox:
+        return ""
+    return json.dumps([n.model_dump(mode="json") for n in outbox], separators=(",", ":"))
+
+
+def _outbox_from(raw: bytes | None) -> tuple[Notification, ...]:
+    if not raw:
+        return ()
+    return tuple(Notification.model_validate(doc) for doc in json.loads(raw))
+
+
+def _stored(customer_id: str, fields: Sequence[bytes | None]) -> Stored:
+    version, state, outbox = fields
+    return Stored(
+        customer_id=customer_id,
+        version=int(version or 0),
+        state=CustomerState.from_json(state) if state else None,
+        outbox=_outbox_from(outbox),
+    )
+
+
+class RedisStore:
+    def __init__(self, client: AnyRedis) -> None:
+        self.client = client
+        self._shas: dict[str, str] = {}
+
+    async def _script_sha(self, body: str) -> str:
+        sha = self._shas.get(body)
+        if sha is None:
+            sha = await self.client.script_load(body)
+            self._shas[body] = sha
+        return sha
+
+    async def _run_scripts(
+        self, body: str, calls: Sequence[tuple[str, Sequence[Any]]]
+    ) -> list[Any]:
+        """EVALSHA each (key, args) in one pipeline; reload once if Redis forgot the script
+        (it does after a restart)."""
+        for attempt in (1, 2):
+            sha = await self._script_sha(body)
+            pipe = self.client.pipeline(transaction=False)
+            for key, args in calls:
+                pipe.evalsha(sha, 1, key, *args)
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                self._shas.pop(body, None)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def load(self, customer_ids: Sequence[str]) -> dict[str, Stored]:
+        pipe = self.client.pipeline(transaction=False)
+        for customer_id in customer_ids:
+            pipe.hmget(keys.customer(customer_id), "v", "s", "o")
+        rows = await pipe.execute()
+        return {cid: _stored(cid, row) for cid, row in zip(customer_ids, rows, strict=True)}
+
+    async def save(self, writes: Sequence[Write]) -> dict[str, int | None]:
+        if not writes:
+            return {}
+        calls = [
+            (
+                keys.customer(w.customer_id),
+                (w.expected_version, w.state.to_json(), _outbox_json(w.outbox)),
+            )
+            for w in writes
+        ]
+        results = await self._run_scripts(SAVE_LUA, calls)
+        return {
+            w.customer_id: (int(r) if int(r) >= 0 else None)
+            for w, r in zip(writes, results, strict=True)
+        }
+
+    async def clear_outbox(self, versions: dict[str, int]) -> None:
+        if versions:
+            await self._run_scripts(
+                CLEAR_OUTBOX_LUA,
+                [(keys.customer(cid), (version,)) for cid, version in versions.items()],
+            )
+
+    async def advance_clock(self, seconds: int) -> int:
+        (result,) = await self._run_scripts(ADVANCE_CLOCK_LUA, [(keys.event_clock(), (seconds,))])
+        return int(result)
+
+    async def clock(self) -> int | None:
+        raw = await self.client.get(keys.event_clock())
+        return int(raw) if raw is not None else None
+
+    async def scan(self) -> AsyncIterator[Stored]:
+        batch: list[str] = []
+        async for raw_key in self.client.scan_iter(match=keys.CUSTOMER_PATTERN, count=1000):
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            batch.append(keys.customer_id_of(key))
+            if len(batch) >= 500:
+                for stored in (await self.load(batch)).values():
+                    yield stored
+                batch = []
+        if batch:
+            for stored in (await self.load(batch)).values():
+                yield stored
+
+    async def close(self) -> None:
+        await self.client.aclose()

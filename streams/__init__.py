@@ -1,0 +1,1 @@
+"""What flows: event and notification contracts, topic names, bytes -> model | Rejection."""

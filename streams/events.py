@@ -1,0 +1,131 @@
+"""Wire contracts (pydantic v2, frozen, versioned) for what enters and leaves memberflow."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+SCHEMA_VERSION = 1
+
+# Ids end up inside Redis keys ("mf:{c:<id>}"): braces would break the Cluster hash tag, and
+# whitespace or control characters make ids unreadable in logs, so the alphabet is closed.
+Identifier = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@/+=-]+$")
+]
+CurrencyCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+# Finite, non-negative money with at most 1e12 and sub-cent precision tolerated (rounded later).
+Money = Annotated[Decimal, Field(ge=0, le=Decimal("1e12"), allow_inf_nan=False)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Item(_Frozen):
+    sku: Label
+    category: Label
+    quantity: int = Field(1, ge=1, le=1_000_000)
+    unit_price: Money | None = None
+
+
+class Purchase(_Frozen):
+    """A completed order. `event_id` is the idempotency key across redelivery and replays."""
+
+    type: Literal["purchase"] = "purchase"
+    schema_version: Literal[1] = 1
+    event_id: Identifier
+    customer_id: Identifier
+    occurred_at: AwareDatetime  # event time, with a zone
+    amount: Money
+    currency: CurrencyCode
+    items: tuple[Item, ...] = ()
+    channel: Label | None = None
+
+    def categories(self) -> tuple[str, ...]:
+        return tuple(sorted({item.category for item in self.items}))
+
+
+class Refund(_Frozen):
+    """A refund or return of (part of) an earlier purchase, named by its event id."""
+
+    type: Literal["refund"] = "refund"
+    schema_version: Literal[1] = 1
+    event_id: Identifier
+    customer_id: Identifier
+    refund_of: Identifier
+    occurred_at: AwareDatetime
+    amount: Money
+    currency: CurrencyCode
+
+
+InputEvent = Purchase | Refund
+
+
+class RejectReason(StrEnum):
+    """Why an input went to the dead-letter topic. A closed set: it is a metric label."""
+
+    EMPTY = "empty_message"
+    OVERSIZED = "oversized_message"
+    MALFORMED_JSON = "malformed_json"
+    NOT_AN_OBJECT = "not_an_object"
+    UNKNOWN_TYPE = "unknown_event_type"
+    SCHEMA = "schema_violation"
+    INVALID_AMOUNT = "invalid_amount"
+    UNKNOWN_CURRENCY = "unknown_currency"
+    FUTURE_TIMESTAMP = "future_timestamp"
+    TOO_OLD = "too_old"
+    UNKNOWN_PURCHASE = "unknown_purchase"
+    CONFLICTING_DUPLICATE = "conflicting_duplicate"
+    REFUND_EXCEEDS_PURCHASE = "refund_exceeds_purchase"
+
+
+class Rejection(_Frozen):
+    reason: RejectReason
+    detail: str
+
+
+class DeadLetter(_Frozen):
+    """Dead-letter envelope: the raw bytes (base64) with the reason and where they came from."""
+
+    schema_version: Literal[1] = 1
+    reason: RejectReason
+    detail: str
+    raw_b64: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    rejected_at: datetime
+
+
+class NotificationType(StrEnum):
+    TIER_UPGRADED = "tier_upgraded"
+    TIER_DOWNGRADED = "tier_downgraded"
+    TIER_DOWNGRADE_WARNING = "tier_downgrade_warning"
+    SEGMENT_CHANGED = "segment_changed"
+    LIFECYCLE_CHANGED = "lifecycle_changed"
+    REPURCHASE_REMINDER = "repurchase_reminder"
+    WIN_BACK_OFFER = "win_back_offer"
+
+
+class Cause(_Frozen):
+    kind: Literal["event", "timer"]
+    id: str  # the event_id, or the timer id
+
+
+class Notification(_Frozen):
+    """An outgoing notification. `notification_id` is deterministic: consumers drop repeats."""
+
+    schema_version: Literal[1] = 1
+    notification_id: str
+    type: NotificationType
+    customer_id: str
+    occurred_at: datetime  # engine time of the decision (event time in `event` clock mode)
+    cause: Cause
+    policy_version: str
+    summary: str  # one human sentence
+    explanation: dict[str, Any]  # inputs, thresholds, rule, previous label
