@@ -169,16 +169,19 @@ def screen(event: InputEvent, policy: Policy, now: int, wall_now: int) -> Reject
         return Rejection(reason=RejectReason.UNKNOWN_CURRENCY, detail=event.currency)
     occurred = epoch(event.occurred_at)
     skew = policy.input.max_future_skew_minutes * 60
+    # Details quote the event's own time: iso(occurred) fails when its UTC year is out of range
+    # (0001-01-01T00:00:00+05:00 is year 0 in UTC).
     if occurred > wall_now + skew:
         return Rejection(
             reason=RejectReason.FUTURE_TIMESTAMP,
-            detail=f"occurred_at {iso(occurred)} is more than {skew}s ahead of {iso(wall_now)}",
+            detail=f"occurred_at {event.occurred_at.isoformat()} is more than {skew}s ahead of "
+            f"{iso(wall_now)}",
         )
     oldest = now - policy.input.max_event_age_days * DAY
     if occurred < oldest:
         return Rejection(
             reason=RejectReason.TOO_OLD,
-            detail=f"occurred_at {iso(occurred)} is older than {iso(oldest)}",
+            detail=f"occurred_at {event.occurred_at.isoformat()} is older than {iso(oldest)}",
         )
     return None
 
@@ -257,7 +260,8 @@ def _apply_refund(
     new.latest_event_at = max(new.latest_event_at or occurred, occurred)
     # A whole order returned no longer counts as an order (F drops); a partial refund only
     # lowers M. The purchase stays the customer's latest visit for recency.
-    whole = refunded + amount == purchase_amount and purchase_amount > 0
+    # `refunded < purchase_amount`: a zero refund after a full one must not return it twice.
+    whole = refunded < purchase_amount and refunded + amount == purchase_amount
     new.lifetime_spend -= amount
     new.lifetime_orders -= 1 if whole else 0
     bucket = new.buckets.get(purchase_day)

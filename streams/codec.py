@@ -36,6 +36,9 @@ def decode_event(raw: bytes | None) -> InputEvent | Rejection:
         obj = json.loads(raw, parse_float=Decimal, parse_constant=_non_finite)
     except (ValueError, UnicodeDecodeError) as exc:
         return Rejection(reason=RejectReason.MALFORMED_JSON, detail=str(exc)[:200])
+    except RecursionError:
+        # Nesting deeper than the interpreter's recursion limit fits well inside 64 KiB.
+        return Rejection(reason=RejectReason.MALFORMED_JSON, detail="nested too deeply")
     if not isinstance(obj, dict):
         return Rejection(reason=RejectReason.NOT_AN_OBJECT, detail=type(obj).__name__)
     event_type = obj.get("type", "purchase")

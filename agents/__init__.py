@@ -1,0 +1,1 @@
+"""Faust agents: I/O glue only. Business decisions live in rules/, orchestration in the engine."""

@@ -1,0 +1,74 @@
+"""The purchases agent: raw bytes in, batches to the engine, outcome out, then ack.
+
+Acks are manual (noack_take): an offset is committed only after the batch's state is in Redis
+and its notifications and dead letters were acknowledged by the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, cast
+
+import faust
+
+from memberflow.engine import RawMessage
+
+if TYPE_CHECKING:
+    from memberflow.app import Runtime
+
+log = logging.getLogger(__name__)
+
+# Exit code when the agent meets an error it cannot classify: the process stops without
+# acking, so the batch is redelivered to whichever worker takes over.
+EXIT_UNEXPECTED = 70
+
+
+def register(app: faust.App, runtime: Runtime) -> None:
+    settings = runtime.settings
+    # Raw bytes: Faust acks and drops a message its own decoder fails on, so we validate.
+    purchases = app.topic(
+        settings.purchases_topic,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.partitions,
+    )
+
+    @app.agent(purchases, concurrency=1, name="memberflow.purchases")
+    async def process_purchases(stream: faust.StreamT) -> None:
+        from memberflow.app import publish
+
+        engine = runtime.engine()
+        batches = cast(faust.Stream, stream).noack_take(
+            settings.batch_max, within=settings.batch_within_s
+        )
+        async for events in batches:
+            started = time.perf_counter()
+            log.debug(
+                "batch of %d: %s", len(events),
+                sorted({(e.message.partition, e.message.offset) for e in events}),
+            )
+            batch = [
+                RawMessage(
+                    topic=event.message.topic,
+                    partition=event.message.partition,
+                    offset=event.message.offset,
+                    key=event.message.key,
+                    value=event.message.value,
+                )
+                for event in events
+            ]
+            try:
+                outcome = await engine.process(batch)
+                await publish(app, settings, outcome)
+                await engine.confirm(outcome)
+            except Exception:
+                # Transient Redis errors are retried inside the engine; anything reaching
+                # here is unexpected. Letting it escape would make Faust ack the batch.
+                log.critical("unexpected error; stopping without ack", exc_info=True)
+                logging.shutdown()
+                os._exit(EXIT_UNEXPECTED)
+            for event in events:
+                await stream.ack(event)
+            runtime.metrics.batch_seconds.observe(time.perf_counter() - started)

@@ -1,0 +1,119 @@
+"""The Faust app factory and the runtime the agents share (settings, policy, engine)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import faust
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from memberflow.engine import BatchOutcome, Engine
+from memberflow.metrics import Metrics
+from memberflow.settings import Settings
+from rules.policy import Policy
+from state.redis_store import RedisStore, connect
+from streams.events import Notification
+
+
+@dataclass
+class Runtime:
+    """What the agents need, built once per worker process."""
+
+    settings: Settings
+    policy: Policy
+    metrics: Metrics = field(default_factory=Metrics)
+    _engine: Engine | None = None
+
+    def engine(self) -> Engine:
+        # Built lazily inside the running loop: redis.asyncio binds to the loop that uses it.
+        if self._engine is None:
+            password = self.settings.redis_password
+            client = connect(
+                self.settings.redis_url,
+                cluster=self.settings.redis_cluster,
+                password=password.get_secret_value() if password else None,
+            )
+            self._engine = Engine(
+                RedisStore(client),
+                self.policy,
+                clock_mode=self.settings.clock,
+                metrics=self.metrics,
+                max_backoff_s=self.settings.redis_retry_max_backoff_s,
+            )
+        return self._engine
+
+
+def create_app(runtime: Runtime) -> faust.App:
+    settings = runtime.settings
+    broker_credentials = None
+    if settings.broker_username and settings.broker_password:
+        broker_credentials = faust.SASLCredentials(
+            username=settings.broker_username,
+            password=settings.broker_password.get_secret_value(),
+        )
+    app = faust.App(
+        settings.app_id,
+        broker=settings.broker_url,
+        broker_credentials=broker_credentials,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        key_serializer="raw",
+        value_serializer="raw",
+        # State lives in Redis with the idempotency memory; Faust tables are not used.
+        store="memory://",
+        autodiscover=False,
+    )
+    app.memberflow = runtime  # type: ignore[attr-defined]
+
+    from agents.purchases import register  # agents depend on the app, not the other way
+
+    register(app, runtime)
+
+    @app.page("/metrics")
+    async def metrics_view(view: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        body = generate_latest(runtime.metrics.registry)
+        return view.bytes(body, content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.page("/health")
+    async def health_view(view: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        return view.json({"status": "ok"})
+
+    return app
+
+
+async def publish(app: faust.App, settings: Settings, outcome: BatchOutcome) -> None:
+    """Produce a batch's notifications and dead letters and wait for the broker's acks."""
+    producer = app.producer
+    pending = []
+    for notification in outcome.notifications:
+        pending.append(
+            await producer.send(
+                settings.notifications_topic,
+                _key(notification),
+                notification.model_dump_json().encode(),
+                None,
+                None,
+                None,
+            )
+        )
+    for key, letter in outcome.dead_letters:
+        pending.append(
+            await producer.send(
+                settings.dead_letter_topic, key, letter.model_dump_json().encode(), None, None, None
+            )
+        )
+    if pending:
+        await asyncio.gather(*pending)
+
+
+def _key(notification: Notification) -> bytes:
+    return notification.customer_id.encode()

@@ -1,0 +1,324 @@
+"""The `memberflow` command line: worker, demo, replay, customer, export, rules check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from memberflow.policy_file import load_policy
+from memberflow.settings import Settings
+from rules.customer import epoch, summarize
+from rules.policy import Policy, PolicyError
+
+EXIT_USAGE = 2  # bad input from the user: bad policy, unreachable service, bad file
+
+
+class CliError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise CliError(f"invalid MEMBERFLOW_* settings:\n{exc}") from exc
+
+
+def _policy(settings: Settings) -> Policy:
+    try:
+        return load_policy(settings.rules_file)
+    except PolicyError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _parse_time(text: str) -> int:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise CliError(f"not an ISO 8601 time: {text!r}") from exc
+    if moment.tzinfo is None:
+        from datetime import UTC
+
+        moment = moment.replace(tzinfo=UTC)
+    return epoch(moment)
+
+
+# -- worker ---------------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import faust
+
+    from memberflow.app import Runtime, create_app
+    from memberflow.kafka import BrokerUnreachable, ensure_topics
+
+    settings = _settings()
+    policy = _policy(settings)
+    asyncio.run(_check_redis(settings))
+    try:
+        ensure_topics(settings)
+    except BrokerUnreachable as exc:
+        raise CliError(str(exc)) from exc
+    app = create_app(Runtime(settings, policy))
+    worker = faust.Worker(app, loglevel=settings.log_level, redirect_stdouts=False)
+    worker.execute_from_commandline()
+    return 0
+
+
+async def _check_redis(settings: Settings) -> None:
+    from state.redis_store import connect
+
+    password = settings.redis_password
+    client = connect(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        password=password.get_secret_value() if password else None,
+    )
+    try:
+        await client.ping()
+    except Exception as exc:
+        raise CliError(
+            f"cannot reach Redis at {settings.redis_url} ({exc}); check MEMBERFLOW_REDIS_URL "
+            "and that redis-server is running"
+        ) from exc
+    finally:
+        await client.aclose()
+
+
+# -- reading state ---------------------------------------------------------------------------
+
+
+async def _with_store(settings: Settings, work: Any) -> Any:
+    from state.redis_store import RedisStore, connect
+
+    await _check_redis(settings)
+    password = settings.redis_password
+    store = RedisStore(
+        connect(
+            settings.redis_url,
+            cluster=settings.redis_cluster,
+            password=password.get_secret_value() if password else None,
+        )
+    )
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+async def _as_of(store: Any, settings: Settings, as_of: str | None) -> int:
+    if as_of:
+        return _parse_time(as_of)
+    if settings.clock == "event":
+        clock = await store.clock()
+        if clock is not None:
+            return int(clock)
+    return int(time.time())
+
+
+def cmd_customer(args: argparse.Namespace) -> int:
+    settings = _settings()
+    policy = _policy(settings)
+
+    async def work(store: Any) -> dict[str, Any] | None:
+        stored = (await store.load([args.customer_id]))[args.customer_id]
+        if stored.state is None:
+            return None
+        view = summarize(stored.state, policy, await _as_of(store, settings, args.as_of))
+        view["pending_notifications"] = [n.model_dump(mode="json") for n in stored.outbox]
+        return view
+
+    view = asyncio.run(_with_store(settings, work))
+    if view is None:
+        print(f"no such customer: {args.customer_id}", file=sys.stderr)
+        return 1
+    print(json.dumps(view, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    settings = _settings()
+    policy = _policy(settings)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+
+    async def work(store: Any) -> int:
+        as_of = await _as_of(store, settings, args.as_of)
+        count = 0
+        async for stored in store.scan():
+            if stored.state is not None:
+                out.write(json.dumps(summarize(stored.state, policy, as_of), ensure_ascii=False))
+                out.write("\n")
+                count += 1
+        return count
+
+    try:
+        count = asyncio.run(_with_store(settings, work))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"exported {count} customers", file=sys.stderr)
+    return 0
+
+
+# -- replay ----------------------------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from memberflow.kafka import BrokerUnreachable, bootstrap_servers, ensure_topics
+    from memberflow.replay import count_lines, iter_history, publish
+
+    settings = _settings()
+    policy = _policy(settings)
+    path = Path(args.path)
+    if not path.is_file():
+        raise CliError(f"no such file: {path}")
+    try:
+        ensure_topics(settings)
+        records = iter_history(path, policy.base_currency)
+        stats = publish(
+            records,
+            ",".join(bootstrap_servers(settings.broker_url)),
+            settings.purchases_topic,
+            total=count_lines(path),
+            progress=not args.quiet,
+        )
+    except (BrokerUnreachable, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    rate = stats.published / stats.seconds if stats.seconds else 0.0
+    print(
+        f"published {stats.published} events to {settings.purchases_topic} "
+        f"in {stats.seconds:.1f}s ({rate:,.0f}/s); {stats.skipped_blank} blank lines skipped",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# -- rules -----------------------------------------------------------------------------------
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(Path(args.file))
+    except PolicyError as exc:
+        raise CliError(str(exc)) from exc
+    tiers = ", ".join(
+        f"{t.name} (>= {t.min_window_spend} {policy.base_currency}, >= {t.min_window_orders} "
+        "orders)"
+        for t in policy.tiers
+    )
+    print(f"{args.file}: policy {policy.version} is valid; tiers: {tiers}")
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from memberflow.demo import DemoOptions, run_demo
+
+    return run_demo(
+        DemoOptions(
+            customers=args.customers,
+            days=args.days,
+            duration_s=args.duration,
+            rate=args.rate,
+            seed=args.seed,
+            workdir=Path(args.workdir) if args.workdir else None,
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memberflow",
+        description=(
+            "Event-driven membership engine: consumes purchases from Kafka, keeps rolling "
+            "R/F/M state per customer in Redis, assigns tiers and emits notifications. "
+            "Configuration comes from MEMBERFLOW_* environment variables (see README)."
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser(
+        "worker", help="run a stream worker (Faust) from the MEMBERFLOW_* settings",
+        description="Run a worker: consumes the purchases topic, writes state to Redis, "
+        "produces notifications and dead letters. Start several for more throughput; "
+        "they share the topic's partitions.",
+    )
+    p.set_defaults(func=cmd_worker)
+
+    p = commands.add_parser(
+        "demo", help="run everything locally: broker, Redis, a worker and a synthetic shop",
+        description="The embedded default: starts a local Kafka-protocol broker (Tansu) and a "
+        "redis-server in a temp dir, a worker, and a synthetic shop producing purchases; "
+        "shows progress and a live summary, then stops by itself.",
+    )
+    p.add_argument("--customers", type=int, default=300, help="synthetic customers (300)")
+    p.add_argument("--days", type=int, default=400, help="days of shop history to generate (400)")
+    p.add_argument("--duration", type=float, default=90.0, help="stop after N seconds (90)")
+    p.add_argument("--rate", type=float, default=400.0, help="purchases per second offered (400)")
+    p.add_argument("--seed", type=int, default=7, help="random seed of the synthetic shop (7)")
+    p.add_argument("--workdir", help="keep logs and data here instead of a temp dir")
+    p.set_defaults(func=cmd_demo)
+
+    p = commands.add_parser(
+        "replay", help="publish purchases from a CSV or JSONL file to the purchases topic",
+        description="Publish history to the purchases topic, keyed by customer_id, with a "
+        "progress bar. CSV header: event_id,customer_id,occurred_at,amount and optional "
+        "currency,category,sku,quantity (and type,refund_of for refunds). occurred_at is ISO "
+        "8601; a bare date means midnight UTC. JSONL lines are published as they are. Bad "
+        "lines are published too: the worker dead-letters them with the reason.",
+    )
+    p.add_argument("path", help="a .csv, .jsonl or .ndjson file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
+
+    p = commands.add_parser(
+        "customer", help="one customer's state and explanation as JSON",
+        description="Print one customer's R/F/M, tier and explanation as JSON.",
+    )
+    p.add_argument("customer_id")
+    p.add_argument("--as-of", help="evaluation time (ISO 8601); default: the engine's clock")
+    p.set_defaults(func=cmd_customer)
+
+    p = commands.add_parser(
+        "export", help="every customer's state, one JSON object per line",
+        description="Export every customer: customer_id, first/last purchase, recency_days, "
+        "frequency and monetary (rolling window), lifetime totals, tier, categories.",
+    )
+    p.add_argument("--as-of", help="evaluation time for recency and the window (ISO 8601); "
+                   "default: the engine's clock (event clock in event mode, else now)")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_export)
+
+    rules = commands.add_parser("rules", help="policy tools").add_subparsers(
+        dest="rules_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = rules.add_parser("check", help="validate a policy file with clear errors")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_rules_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"memberflow: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Kafka plumbing shared by the CLI and the worker: bootstrap parsing and topic creation."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from memberflow.settings import Settings
+from streams.topics import TopicSpec, declared_topics
+
+
+class BrokerUnreachable(RuntimeError):
+    """The broker did not answer; the message names the URL and what to check."""
+
+
+def bootstrap_servers(broker_url: str) -> list[str]:
+    """`kafka://h1:9092;kafka://h2:9092` or `kafka://h1:9092,h2:9092` -> ["h1:9092", ...]."""
+    servers = []
+    for part in broker_url.replace(";", ",").split(","):
+        part = part.strip()
+        if "://" in part:
+            part = part.split("://", 1)[1]
+        if part:
+            servers.append(part)
+    if not servers:
+        raise ValueError(f"no bootstrap servers in broker URL {broker_url!r}")
+    return servers
+
+
+def topic_specs(settings: Settings) -> tuple[TopicSpec, ...]:
+    return declared_topics(
+        settings.purchases_topic,
+        settings.notifications_topic,
+        settings.dead_letter_topic,
+        settings.partitions,
+    )
+
+
+def admin_client(settings: Settings, timeout_s: float = 15.0) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers(settings.broker_url),
+            client_id=f"{settings.app_id}-admin",
+            request_timeout_ms=int(timeout_s * 1000),
+        )
+    except (KafkaError, OSError) as exc:
+        raise BrokerUnreachable(
+            f"cannot reach the Kafka broker at {settings.broker_url} ({exc}); check "
+            "MEMBERFLOW_BROKER_URL and that the broker is running"
+        ) from exc
+
+
+def ensure_topics(
+    settings: Settings, specs: Sequence[TopicSpec] | None = None, wait_s: float = 30.0
+) -> None:
+    """Create the topics memberflow uses if they are missing, and wait until they are visible.
+
+    Existing topics are left as they are (their partition count is the operator's choice)."""
+    specs = list(specs if specs is not None else topic_specs(settings))
+    admin = admin_client(settings)
+    try:
+        existing = set(admin.list_topics())
+        missing = [spec for spec in specs if spec.name not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
+                admin.create_topics(
+                    [
+                        NewTopic(spec.name, spec.partitions, settings.replication_factor)
+                        for spec in missing
+                    ]
+                )
+        deadline = time.monotonic() + wait_s
+        wanted = {spec.name for spec in specs}
+        while not wanted <= set(admin.list_topics()):
+            if time.monotonic() > deadline:
+                raise BrokerUnreachable(f"topics {sorted(wanted)} did not appear in {wait_s}s")
+            time.sleep(0.2)
+    finally:
+        admin.close()

@@ -1,0 +1,167 @@
+"""Real services for integration tests: a Tansu broker, a redis-server and worker processes.
+
+Every test gets its own broker and Redis on free ports, so tests never touch data they did not
+write. A missing redis-server or broker binary fails the test (CI must install them), it does
+not skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from memberflow.services import LocalBroker, LocalRedis, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    with LocalBroker(workdir=tmp_path / "broker") as running:
+        yield running
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[LocalRedis]:
+    with LocalRedis(workdir=tmp_path / "redis", appendonly=True) as running:
+        yield running
+
+
+class Worker:
+    """A `memberflow worker` in its own process, as production runs it."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.port = int(env["MEMBERFLOW_WEB_PORT"])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "memberflow.cli", "worker"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log_tail()}")
+            if "Worker]: Ready" in self.log_path.read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready in {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    def events_seen(self) -> int:
+        metrics = self.metrics()
+        return int(
+            sum(v for k, v in metrics.items() if k.startswith("memberflow_events_total{"))
+        )
+
+    def wait_for_events(self, expected: int, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        seen = -1
+        while time.monotonic() < deadline:
+            seen = self.events_seen()
+            if seen >= expected:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"worker saw {seen} of {expected} events:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def worker_env(broker: LocalBroker, redis: LocalRedis, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMBERFLOW_")}
+    env.update(
+        {
+            "MEMBERFLOW_BROKER_URL": broker.url,
+            "MEMBERFLOW_REDIS_URL": redis.url,
+            "MEMBERFLOW_WEB_PORT": str(free_port()),
+            "MEMBERFLOW_PARTITIONS": "4",
+            # Tansu's group join waits for the rebalance timeout: keep it short in tests.
+            "MEMBERFLOW_BROKER_SESSION_TIMEOUT_S": "6",
+            "MEMBERFLOW_BROKER_REBALANCE_TIMEOUT_S": "6",
+            "MEMBERFLOW_BROKER_HEARTBEAT_INTERVAL_S": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def make_worker(tmp_path: Path) -> Iterator[Any]:
+    started: list[Worker] = []
+
+    def make(env: dict[str, str], name: str = "worker") -> Worker:
+        worker = Worker(env, tmp_path / f"{name}-{len(started)}.log")
+        started.append(worker)
+        return worker
+
+    yield make
+    for worker in started:
+        worker.stop()
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "memberflow.cli", *args],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 20.0) -> list[Any]:
+    """Every record of a topic, from the beginning to the end offsets seen now."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not read {topic} to its end in {timeout_s}s")
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def read_json_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+    return [json.loads(record.value) for record in read_topic(bootstrap, topic)]

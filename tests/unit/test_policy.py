@@ -1,0 +1,237 @@
+"""The policy model: the shipped default parses, and every inconsistency is a clear PolicyError."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from memberflow.policy_file import load_policy
+from memberflow.settings import default_rules_file
+from rules.policy import Policy, PolicyError, parse_policy
+
+BASE: dict[str, Any] = {
+    "version": "test-1",
+    "base_currency": "EUR",
+    "currencies": {"EUR": "1", "USD": "0.92"},
+    "window_days": 365,
+    "input": {"max_event_age_days": 730, "max_future_skew_minutes": 10},
+    "tiers": [
+        {"name": "member"},
+        {"name": "silver", "min_window_spend": "300", "min_window_orders": 2},
+        {"name": "gold", "min_window_spend": "1000", "min_window_orders": 4},
+    ],
+}
+
+
+def policy_text(change: Callable[[dict[str, Any]], None] | None = None) -> str:
+    doc = copy.deepcopy(BASE)
+    if change is not None:
+        change(doc)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def test_default_policy_parses_with_documented_values() -> None:
+    policy = parse_policy(default_rules_file().read_text(encoding="utf-8"))
+    assert policy.version == "2026.11-1"
+    assert policy.base_currency == "EUR"
+    assert policy.currencies == {
+        "EUR": Decimal("1"),
+        "USD": Decimal("0.92"),
+        "GBP": Decimal("1.17"),
+        "CNY": Decimal("0.13"),
+    }
+    assert policy.window_days == 365
+    assert policy.input.max_event_age_days == 730
+    assert policy.input.max_future_skew_minutes == 10
+    assert [
+        (tier.name, tier.min_window_spend, tier.min_window_orders) for tier in policy.tiers
+    ] == [
+        ("member", Decimal(0), 0),
+        ("silver", Decimal("300"), 2),
+        ("gold", Decimal("1000"), 4),
+        ("platinum", Decimal("3000"), 8),
+    ]
+    assert [policy.tier_rank(t) for t in ("member", "silver", "gold", "platinum")] == [0, 1, 2, 3]
+    assert policy.tier_rank("diamond") == 0
+
+
+def test_load_policy_reads_the_default_file() -> None:
+    path = default_rules_file()
+    assert load_policy(path) == parse_policy(path.read_text(encoding="utf-8"))
+
+
+def test_base_policy_of_these_tests_is_valid() -> None:
+    policy = parse_policy(policy_text())
+    assert isinstance(policy, Policy)
+    assert [tier.name for tier in policy.tiers] == ["member", "silver", "gold"]
+
+
+def test_input_bounds_default_when_omitted() -> None:
+    policy = parse_policy(policy_text(lambda d: d.pop("input")))
+    assert policy.input.max_event_age_days == 730
+    assert policy.input.max_future_skew_minutes == 10
+
+
+def test_policy_is_frozen() -> None:
+    policy = parse_policy(policy_text())
+    with pytest.raises(ValueError):
+        policy.window_days = 30  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("version: [unclosed", "not valid YAML"),
+        ("tiers:\n  - name: a\n - name: b\n", "not valid YAML"),
+        ("- version\n- tiers\n", "expected a mapping at the top level"),
+        ("42\n", "expected a mapping at the top level"),
+        ("just text\n", "expected a mapping at the top level"),
+        ("", "expected a mapping at the top level"),
+    ],
+    ids=["unclosed", "bad-indent", "list", "number", "scalar", "empty"],
+)
+def test_unusable_documents(text: str, message: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text, "rules.yaml")
+    assert str(info.value).startswith(f"rules.yaml: {message}"), str(info.value)
+
+
+def _dup_tier(d: dict[str, Any]) -> None:
+    d["tiers"][2]["name"] = "silver"
+
+
+def _first_tier_spend(d: dict[str, Any]) -> None:
+    d["tiers"][0]["min_window_spend"] = "1"
+
+
+def _first_tier_orders(d: dict[str, Any]) -> None:
+    d["tiers"][0]["min_window_orders"] = 1
+
+
+def _spend_down(d: dict[str, Any]) -> None:
+    d["tiers"][2]["min_window_spend"] = "200"
+
+
+def _orders_down(d: dict[str, Any]) -> None:
+    d["tiers"][2]["min_window_orders"] = 1
+
+
+def _same_thresholds(d: dict[str, Any]) -> None:
+    d["tiers"][2].update(min_window_spend="300", min_window_orders=2)
+
+
+def _base_missing(d: dict[str, Any]) -> None:
+    d["currencies"] = {"USD": "0.92"}
+
+
+def _base_rate(d: dict[str, Any]) -> None:
+    d["currencies"]["EUR"] = "1.01"
+
+
+def _extra_top(d: dict[str, Any]) -> None:
+    d["windows_days"] = 30
+
+
+def _extra_tier(d: dict[str, Any]) -> None:
+    d["tiers"][1]["colour"] = "grey"
+
+
+def _extra_input(d: dict[str, Any]) -> None:
+    d["input"]["max_age"] = 3
+
+
+def _age_below_window(d: dict[str, Any]) -> None:
+    d["input"]["max_event_age_days"] = 364
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_dup_tier, "tier names must be unique, got ['member', 'silver', 'silver']"),
+        (_first_tier_spend, "the first tier (member) is the entry tier: no thresholds"),
+        (_first_tier_orders, "the first tier (member) is the entry tier: no thresholds"),
+        (_spend_down, "tier gold must not have lower thresholds than silver"),
+        (_orders_down, "tier gold must not have lower thresholds than silver"),
+        (_same_thresholds, "tiers silver and gold have the same thresholds"),
+        (_base_missing, "currencies must map the base currency EUR to 1"),
+        (_base_rate, "currencies must map the base currency EUR to 1"),
+        (_extra_top, "windows_days: Extra inputs are not permitted"),
+        (_extra_tier, "tiers.1.colour: Extra inputs are not permitted"),
+        (_extra_input, "input.max_age: Extra inputs are not permitted"),
+        (_age_below_window, "input.max_event_age_days must be >= window_days"),
+        (lambda d: d.pop("version"), "version: Field required"),
+        (lambda d: d.update(tiers=[]), "tiers: "),
+        (lambda d: d.update(window_days=0), "window_days: "),
+        (lambda d: d["currencies"].update(USD="0"), "currencies.USD: "),
+        (lambda d: d["currencies"].update(USD="-0.5"), "currencies.USD: "),
+        (lambda d: d["currencies"].update(USD="NaN"), "currencies.USD: "),
+        (lambda d: d["tiers"][1].update(min_window_spend="-1"), "tiers.1.min_window_spend: "),
+        (lambda d: d["tiers"][1].update(name="Silver"), "tiers.1.name: "),
+        (lambda d: d.update(base_currency="eur"), "base_currency: "),
+    ],
+    ids=[
+        "duplicate-tier",
+        "first-tier-spend",
+        "first-tier-orders",
+        "spend-not-monotone",
+        "orders-not-monotone",
+        "equal-thresholds",
+        "base-currency-missing",
+        "base-rate-not-1",
+        "unknown-key",
+        "unknown-tier-key",
+        "unknown-input-key",
+        "max-age-below-window",
+        "missing-version",
+        "no-tiers",
+        "window-zero",
+        "zero-rate",
+        "negative-rate",
+        "nan-rate",
+        "negative-threshold",
+        "tier-name-case",
+        "base-currency-case",
+    ],
+)
+def test_invalid_policy_is_a_policy_error_naming_the_problem(
+    change: Callable[[dict[str, Any]], Any], message: str
+) -> None:
+    text = policy_text(change)
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text, "rules.yaml")
+    error = str(info.value)
+    assert error.startswith("rules.yaml: invalid policy:\n  - "), error
+    assert message in error, error
+
+
+def test_max_event_age_equal_to_window_is_allowed() -> None:
+    def change(d: dict[str, Any]) -> None:
+        d["input"]["max_event_age_days"] = 365
+
+    assert parse_policy(policy_text(change)).input.max_event_age_days == 365
+
+
+def test_load_policy_on_missing_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / "rules.yaml"
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(info.value).startswith(f"{path}: cannot read policy file: ")
+    assert "No such file or directory" in str(info.value)
+
+
+def test_load_policy_names_the_file_of_an_invalid_policy(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(policy_text(_age_below_window), encoding="utf-8")
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(info.value).startswith(f"{path}: invalid policy:")
+
+
+def test_policy_error_is_a_value_error() -> None:
+    assert issubclass(PolicyError, ValueError)
