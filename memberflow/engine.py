@@ -71,6 +71,7 @@ class _Fold:
     applied: int = 0
     duplicates: int = 0
     rejected: list[tuple[RawMessage, Rejection]] = field(default_factory=list)
+    newest_applied: int = 0  # event time of the newest applied event (for the event clock)
 
 
 class Engine:
@@ -122,6 +123,7 @@ class Engine:
             global_clock = await self.retry("clock", self._clock_or_zero)
 
         pending = dict(by_customer)
+        newest_applied = 0
         for _ in range(MAX_CONFLICT_ROUNDS):
             if not pending:
                 break
@@ -149,6 +151,7 @@ class Engine:
                 # Counted only for a fold that stands: a conflicted one is redone.
                 outcome.applied += fold.applied
                 outcome.duplicates += fold.duplicates
+                newest_applied = max(newest_applied, fold.newest_applied)
                 for message, rejection in fold.rejected:
                     self._dead_letter(outcome, message, rejection, wall_now)
             pending = conflicted
@@ -157,10 +160,9 @@ class Engine:
             raise RuntimeError(f"version conflicts did not settle for {sorted(pending)[:5]}")
 
         if self.clock_mode == "event" and outcome.applied:
-            newest = max(
-                epoch(event.occurred_at) for items in by_customer.values() for _, event in items
-            )
-            clock = await self.retry("clock", partial(self.store.advance_clock, newest))
+            # Applied events only: a dead-lettered far-future event must not move the clock
+            # (every later event would then be judged too old).
+            clock = await self.retry("clock", partial(self.store.advance_clock, newest_applied))
             self.metrics.event_clock.set(clock)
         elif self.clock_mode == "wall":
             self.metrics.event_clock.set(wall_now)
@@ -194,6 +196,7 @@ class Engine:
                     state = decision.state
                     new_notifications.extend(decision.notifications)
                     fold.applied += 1
+                    fold.newest_applied = max(fold.newest_applied, epoch(event.occurred_at))
             if rejection is not None:
                 fold.rejected.append((message, rejection))
         if fold.applied and state is not None:

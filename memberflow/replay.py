@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -174,10 +175,20 @@ def _is_blank_row(fields: list[str]) -> bool:
     return all(not field.strip() for field in fields)
 
 
+def _text_lines(path: Path, handle: Iterable[bytes]) -> Iterator[str]:
+    """Decoded line by line (not in blocks), so an encoding error names its line."""
+    for number, raw in enumerate(handle, start=1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # -sig: Excel's BOM
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: line {number} is not UTF-8 text: {exc}") from exc
+        yield line
+
+
 def _csv_header(path: Path) -> list[str]:
     """The header row, checked: every required column present, no column named twice."""
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        for fields in csv.reader(handle):
+    with path.open("rb") as handle:
+        for fields in csv.reader(_text_lines(path, handle)):
             if _is_blank_row(fields):
                 continue
             header = [name.strip() for name in fields]
@@ -225,8 +236,8 @@ class HistoryReader(Iterator[ReplayRecord]):
                 yield ReplayRecord(line=number, key=_key_of_json_line(line), value=line)
 
     def _read_csv(self, header: list[str]) -> Iterator[ReplayRecord]:
-        with self.path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
+        with self.path.open("rb") as handle:
+            reader = csv.reader(_text_lines(self.path, handle))
             seen_header = False
             last_line = 0
             while True:
@@ -234,7 +245,7 @@ class HistoryReader(Iterator[ReplayRecord]):
                     fields = next(reader)
                 except StopIteration:
                     return
-                except (csv.Error, UnicodeDecodeError) as exc:
+                except csv.Error as exc:
                     raise ValueError(
                         f"{self.path}: unreadable CSV after line {last_line}: {exc}"
                     ) from exc
@@ -283,6 +294,24 @@ def count_lines(path: Path) -> int:
 # -- publishing ------------------------------------------------------------------------------
 
 
+def _probe(servers: list[str], bootstrap: str, timeout_s: float) -> None:
+    """Fail fast, with the OS's reason, when no bootstrap server accepts a TCP connection
+    (otherwise the Kafka client retries until its bootstrap timeout)."""
+    from memberflow.kafka import BrokerUnreachable
+
+    errors = []
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit():
+            host, port = server, "9092"
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+                return
+        except OSError as exc:
+            errors.append(f"{server}: {exc.strerror or exc}")
+    raise BrokerUnreachable(f"cannot reach the broker at {bootstrap}: {'; '.join(errors)}")
+
+
 def publish(
     records: Iterable[ReplayRecord],
     bootstrap: str,
@@ -300,12 +329,22 @@ def publish(
     # Imported here so that mapping and reading work (and are testable) without Kafka wiring.
     from kafka import KafkaProducer
     from kafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
+    from kafka.net.compat import KafkaNetClient
     from tqdm import tqdm
 
     from memberflow.kafka import BrokerUnreachable
 
     started = time.monotonic()
     servers = [server.strip() for server in bootstrap.split(",") if server.strip()]
+    _probe(servers, bootstrap, connect_timeout_s)
+    clients: list[Any] = []
+
+    def make_client(**config: Any) -> Any:
+        # Kept so that it can be closed when the producer fails to start: kafka-python leaves
+        # its sockets open then, which shows up as ResourceWarnings.
+        clients.append(KafkaNetClient(**config))
+        return clients[-1]
+
     try:
         producer = KafkaProducer(
             bootstrap_servers=servers,
@@ -318,8 +357,11 @@ def publish(
             max_in_flight_requests_per_connection=1,
             bootstrap_timeout_ms=int(connect_timeout_s * 1000),
             max_block_ms=int(connect_timeout_s * 1000),
+            kafka_client=make_client,
         )
     except (KafkaError, OSError) as exc:
+        for client in clients:
+            client.close()
         raise BrokerUnreachable(f"cannot reach the broker at {bootstrap}: {exc}") from exc
 
     failures: list[BaseException] = []

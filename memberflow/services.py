@@ -27,9 +27,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -810,3 +812,84 @@ class LocalRedisCluster:
         tb: TracebackType | None,
     ) -> None:
         self.cleanup()
+
+
+class WorkerProcess(ManagedProcess):
+    """A `memberflow worker` in its own process, configured by MEMBERFLOW_* variables in `env`.
+
+    Ready when Faust reports its partitions assigned (the web views answer earlier than that).
+    """
+
+    READY_MARKER = "Worker]: Ready"
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        workdir: Path | None = None,
+        name: str = "worker",
+        ready_timeout: float = 90.0,
+    ) -> None:
+        super().__init__(
+            name=name,
+            argv=[sys.executable, "-m", "memberflow.cli", "worker"],
+            workdir=workdir,
+            env=env,
+            ready_timeout=ready_timeout,
+        )
+        self.web_port = int(env["MEMBERFLOW_WEB_PORT"])
+        self._ready_offset = 0
+
+    def _child_env(self) -> dict[str, str] | None:
+        # Only this worker's MEMBERFLOW_* settings: none leak in from the parent.
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MEMBERFLOW_")}
+        return {**base, "PYTHONUNBUFFERED": "1", **(self.env or {})}
+
+    def _wait_ready(self, deadline: float) -> None:
+        # Only what this start appended counts: the log is shared across restarts.
+        offset = self._ready_offset
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with open(self.log_path, "rb") as log:
+                    log.seek(offset)
+                    if self.READY_MARKER.encode() in log.read():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise self._error(f"not ready within {self.ready_timeout:.0f}s")
+
+    def start(self) -> None:
+        try:
+            self._ready_offset = self.log_path.stat().st_size
+        except OSError:
+            self._ready_offset = 0
+        super().start()
+
+    def metrics(self, timeout: float = 5.0) -> dict[str, float]:
+        """The worker's /metrics as {'name{labels}': value}."""
+        url = f"http://127.0.0.1:{self.web_port}/metrics"
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    def events_seen(self) -> int:
+        """Input events this worker process has finished (applied, duplicate or dead-lettered)."""
+        metrics = self.metrics()
+        return int(sum(v for k, v in metrics.items() if k.startswith("memberflow_events_total{")))
+
+    def wait_for_events(self, expected: int, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        seen = -1
+        while time.monotonic() < deadline:
+            self._check_alive()
+            seen = self.events_seen()
+            if seen >= expected:
+                return
+            time.sleep(0.3)
+        raise self._error(f"saw {seen} of {expected} events within {timeout:.0f}s")

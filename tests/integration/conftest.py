@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from memberflow.services import LocalBroker, LocalRedis, free_port
+from memberflow.services import LocalBroker, LocalRedis, WorkerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,71 +36,6 @@ def redis_server(tmp_path: Path) -> Iterator[LocalRedis]:
         yield running
 
 
-class Worker:
-    """A `memberflow worker` in its own process, as production runs it."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.port = int(env["MEMBERFLOW_WEB_PORT"])
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "memberflow.cli", "worker"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-            start_new_session=True,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log_tail()}")
-            if "Worker]: Ready" in self.log_path.read_text(errors="replace"):
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"worker not ready in {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
-
-    def events_seen(self) -> int:
-        metrics = self.metrics()
-        return int(
-            sum(v for k, v in metrics.items() if k.startswith("memberflow_events_total{"))
-        )
-
-    def wait_for_events(self, expected: int, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        seen = -1
-        while time.monotonic() < deadline:
-            seen = self.events_seen()
-            if seen >= expected:
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"worker saw {seen} of {expected} events:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def worker_env(broker: LocalBroker, redis: LocalRedis, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMBERFLOW_")}
     env.update(
@@ -114,7 +48,6 @@ def worker_env(broker: LocalBroker, redis: LocalRedis, **overrides: str) -> dict
             "MEMBERFLOW_BROKER_SESSION_TIMEOUT_S": "6",
             "MEMBERFLOW_BROKER_REBALANCE_TIMEOUT_S": "6",
             "MEMBERFLOW_BROKER_HEARTBEAT_INTERVAL_S": "1",
-            "PYTHONUNBUFFERED": "1",
         }
     )
     env.update(overrides)
@@ -123,19 +56,22 @@ def worker_env(broker: LocalBroker, redis: LocalRedis, **overrides: str) -> dict
 
 @pytest.fixture
 def make_worker(tmp_path: Path) -> Iterator[Any]:
-    started: list[Worker] = []
+    """Build WorkerProcess objects that are stopped when the test ends."""
+    started: list[WorkerProcess] = []
 
-    def make(env: dict[str, str], name: str = "worker") -> Worker:
-        worker = Worker(env, tmp_path / f"{name}-{len(started)}.log")
+    def make(env: dict[str, str], name: str = "worker") -> WorkerProcess:
+        worker = WorkerProcess(env, workdir=tmp_path / f"{name}-{len(started)}", name=name)
         started.append(worker)
         return worker
 
     yield make
     for worker in started:
-        worker.stop()
+        worker.stop(timeout=30)
 
 
-def run_cli(env: dict[str, str], *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "memberflow.cli", *args],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,

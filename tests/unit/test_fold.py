@@ -564,8 +564,7 @@ def test_jumping_member_to_gold() -> None:
     state, _ = fold([purchase(f"s{i}", NOW - (i + 1) * DAY, "50") for i in range(3)])
     decision = applied(state, purchase("big", NOW, "900"))
     assert [
-        (n.explanation["previous_tier"], n.explanation["new_tier"])
-        for n in decision.notifications
+        (n.explanation["previous_tier"], n.explanation["new_tier"]) for n in decision.notifications
     ] == [("member", "gold")]
 
 

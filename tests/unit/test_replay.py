@@ -220,7 +220,7 @@ def test_header_names_are_stripped_and_a_bom_ignored(tmp_path: Path) -> None:
 def test_invalid_utf8_in_a_csv_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "h.csv"
     path.write_bytes(f"{HEADER}\ne1,c1,2024-01-01,1,EUR,,,\n".encode() + b"e2,\xff,x,1\n")
-    with pytest.raises(ValueError, match="unreadable CSV"):
+    with pytest.raises(ValueError, match="line 3 is not UTF-8"):
         records_of(path)
 
 
@@ -302,6 +302,7 @@ def test_publish_sends_in_file_order_and_reports_blank_lines(
     import kafka
 
     monkeypatch.setattr(kafka, "KafkaProducer", _FakeProducer)
+    monkeypatch.setattr(replay, "_probe", lambda *args: None)
     path = write(tmp_path, "h.jsonl", '{"customer_id":"a"}\n\n{"customer_id":"b"}\nbroken\n')
     stats = publish(iter_history(path, "EUR"), "h1:9092, h2:9092", "purchases", progress=False)
     producer = _FakeProducer.instances[-1]

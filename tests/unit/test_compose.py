@@ -1,0 +1,60 @@
+"""docker-compose.yml cannot run here (no Docker engine), so its structure is checked instead:
+the services the stack promises, pinned images, and that every MEMBERFLOW_* variable it sets
+is a real setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from memberflow.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_stack_has_the_promised_services_with_pinned_images() -> None:
+    services = _compose()["services"]
+    assert {"kafka", "redis", "worker-1", "worker-2", "shop", "prometheus"} <= set(services)
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert "--appendonly" in services["redis"]["command"]
+    for name, service in services.items():
+        if service["image"].startswith("memberflow:"):
+            continue  # built from this repository
+        repository, _, tag = service["image"].rpartition(":")
+        assert repository and tag not in ("", "latest"), f"{name} must pin its image tag"
+
+
+def test_every_memberflow_variable_is_a_setting() -> None:
+    fields = {f"MEMBERFLOW_{name.upper()}" for name in Settings.model_fields}
+    used = set()
+    for service in _compose()["services"].values():
+        used |= {key for key in (service.get("environment") or {}) if key.startswith("MEMBERFLOW_")}
+    assert used, "the workers must be configured through MEMBERFLOW_* variables"
+    assert used <= fields, used - fields
+    # and the values parse as settings
+    env = _compose()["services"]["worker-1"]["environment"]
+    settings = Settings(**{k.removeprefix("MEMBERFLOW_").lower(): v for k, v in env.items()})
+    assert settings.web_host == "0.0.0.0"
+
+
+def test_prometheus_scrapes_both_workers() -> None:
+    config = yaml.safe_load((ROOT / "ops" / "prometheus.yml").read_text())
+    targets = config["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == ["worker-1:6066", "worker-2:6066"]
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [
+        f"MEMBERFLOW_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`MEMBERFLOW_{name.upper()}`" not in readme
+    ]
+    assert missing == []
