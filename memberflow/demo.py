@@ -84,7 +84,7 @@ class _Shop(threading.Thread):
     def run(self) -> None:
         from kafka import KafkaProducer
 
-        from memberflow.replay import row_to_json
+        from memberflow.replay import key_of_json_line, row_to_json
 
         producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, acks="all")
         started = time.monotonic()
@@ -93,7 +93,7 @@ class _Shop(threading.Thread):
                 if self.stopping.is_set():
                     break
                 if isinstance(entry, bytes):
-                    key, value = None, entry
+                    key, value = key_of_json_line(entry), entry
                 else:
                     key, value = entry["customer_id"].encode(), row_to_json(entry, "EUR")
                 producer.send(self.topic, key=key, value=value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections.abc import Sequence
 
@@ -32,6 +33,24 @@ def bootstrap_servers(broker_url: str) -> list[str]:
     return servers
 
 
+def probe(servers: list[str], bootstrap: str, timeout_s: float) -> None:
+    """Fail fast, with the OS's reason, when no bootstrap server accepts a TCP connection
+    (otherwise the Kafka client retries until its bootstrap timeout)."""
+    if not servers:
+        raise ValueError(f"no bootstrap servers in {bootstrap!r}")
+    errors = []
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit():
+            host, port = server, "9092"
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+                return
+        except OSError as exc:
+            errors.append(f"{server}: {exc.strerror or exc}")
+    raise BrokerUnreachable(f"cannot reach the broker at {bootstrap}: {'; '.join(errors)}")
+
+
 def topic_specs(settings: Settings) -> tuple[TopicSpec, ...]:
     return declared_topics(
         settings.purchases_topic,
@@ -42,9 +61,11 @@ def topic_specs(settings: Settings) -> tuple[TopicSpec, ...]:
 
 
 def admin_client(settings: Settings, timeout_s: float = 15.0) -> KafkaAdminClient:
+    servers = bootstrap_servers(settings.broker_url)
+    probe(servers, settings.broker_url, timeout_s)
     try:
         return KafkaAdminClient(
-            bootstrap_servers=bootstrap_servers(settings.broker_url),
+            bootstrap_servers=servers,
             client_id=f"{settings.app_id}-admin",
             request_timeout_ms=int(timeout_s * 1000),
         )

@@ -8,10 +8,10 @@ counted (`ReplayStats.skipped_blank`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
-import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -128,10 +128,9 @@ def _item(category: str, sku: str, quantity_text: str, amount_text: str) -> dict
     item["quantity"] = quantity
     amount = _money(amount_text)
     if isinstance(quantity, int) and quantity >= 1 and amount is not None:
-        try:
+        # Beyond Decimal's context precision there is no unit price: leave it out.
+        with contextlib.suppress(InvalidOperation):
             item["unit_price"] = str((amount / quantity).quantize(_CENT, ROUND_HALF_EVEN))
-        except InvalidOperation:  # beyond Decimal's context precision: leave it out
-            pass
     return item
 
 
@@ -148,7 +147,7 @@ def _customer_key(value: object) -> bytes | None:
     return value.encode("utf-8") if isinstance(value, str) and value else None
 
 
-def _key_of_json_line(line: bytes) -> bytes | None:
+def key_of_json_line(line: bytes) -> bytes | None:
     try:
         obj = json.loads(line)
     except (ValueError, RecursionError):  # broken JSON still goes out, unkeyed
@@ -233,7 +232,7 @@ class HistoryReader(Iterator[ReplayRecord]):
                 if not line.strip():
                     self.skipped_blank += 1
                     continue
-                yield ReplayRecord(line=number, key=_key_of_json_line(line), value=line)
+                yield ReplayRecord(line=number, key=key_of_json_line(line), value=line)
 
     def _read_csv(self, header: list[str]) -> Iterator[ReplayRecord]:
         with self.path.open("rb") as handle:
@@ -294,24 +293,6 @@ def count_lines(path: Path) -> int:
 # -- publishing ------------------------------------------------------------------------------
 
 
-def _probe(servers: list[str], bootstrap: str, timeout_s: float) -> None:
-    """Fail fast, with the OS's reason, when no bootstrap server accepts a TCP connection
-    (otherwise the Kafka client retries until its bootstrap timeout)."""
-    from memberflow.kafka import BrokerUnreachable
-
-    errors = []
-    for server in servers:
-        host, _, port = server.rpartition(":")
-        if not host or not port.isdigit():
-            host, port = server, "9092"
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-                return
-        except OSError as exc:
-            errors.append(f"{server}: {exc.strerror or exc}")
-    raise BrokerUnreachable(f"cannot reach the broker at {bootstrap}: {'; '.join(errors)}")
-
-
 def publish(
     records: Iterable[ReplayRecord],
     bootstrap: str,
@@ -332,11 +313,11 @@ def publish(
     from kafka.net.compat import KafkaNetClient
     from tqdm import tqdm
 
-    from memberflow.kafka import BrokerUnreachable
+    from memberflow.kafka import BrokerUnreachable, probe
 
     started = time.monotonic()
     servers = [server.strip() for server in bootstrap.split(",") if server.strip()]
-    _probe(servers, bootstrap, connect_timeout_s)
+    probe(servers, bootstrap, connect_timeout_s)
     clients: list[Any] = []
 
     def make_client(**config: Any) -> Any:
@@ -367,7 +348,9 @@ def publish(
     failures: list[BaseException] = []
     published = 0
     # disable=None lets tqdm switch itself off when stderr is not a terminal.
-    bar = tqdm(total=total, unit="event", desc=f"replay -> {topic}", disable=None if progress else True)
+    bar = tqdm(
+        total=total, unit="event", desc=f"replay -> {topic}", disable=None if progress else True
+    )
     try:
         for record in records:
             if failures:

@@ -19,8 +19,16 @@ from typing import Any
 from memberflow.replay import row_to_json
 
 CATEGORIES = ("infant_formula", "diapers", "baby_food", "toys", "clothing", "household")
-COLUMNS = ("event_id", "customer_id", "occurred_at", "amount", "currency", "category", "sku",
-           "quantity")
+COLUMNS = (
+    "event_id",
+    "customer_id",
+    "occurred_at",
+    "amount",
+    "currency",
+    "category",
+    "sku",
+    "quantity",
+)
 
 BIG_SPENDER = "big_spender"
 REGULAR = "regular"
@@ -231,11 +239,20 @@ def add_noise(
     for number, index in enumerate(sorted(rng.sample(range(size), duplicates))):
         position = index + 0.5 + rng.random() * (size - index)
         placed.append((position, size + number, dict(shuffled[index])))
-    template = rows[0] if rows else {
-        "event_id": "x", "customer_id": customer_id(1), "occurred_at": "2024-01-01T12:00:00Z",
-        "amount": "10.00", "currency": "EUR", "category": "toys", "sku": "toys-001",
-        "quantity": "1",
-    }
+    template = (
+        rows[0]
+        if rows
+        else {
+            "event_id": "x",
+            "customer_id": customer_id(1),
+            "occurred_at": "2024-01-01T12:00:00Z",
+            "amount": "10.00",
+            "currency": "EUR",
+            "category": "toys",
+            "sku": "toys-001",
+            "quantity": "1",
+        }
+    )
     for number in range(bad):
         source = rng.choice(rows) if rows else template
         entry = _bad_entry(BAD_KINDS[number % len(BAD_KINDS)], source, f"{seed}-bad-{number}")

@@ -53,8 +53,21 @@ _BARE_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _ROW_FIELDS = ("event_id", "customer_id", "occurred_at", "amount", "currency")
 # The wire fields and the CSV columns (which the replay maps to wire fields).
 _KNOWN_FIELDS = frozenset(
-    {"type", "schema_version", "event_id", "customer_id", "occurred_at", "amount", "currency",
-     "items", "channel", "category", "sku", "quantity", "refund_of"}
+    {
+        "type",
+        "schema_version",
+        "event_id",
+        "customer_id",
+        "occurred_at",
+        "amount",
+        "currency",
+        "items",
+        "channel",
+        "category",
+        "sku",
+        "quantity",
+        "refund_of",
+    }
 )
 
 
@@ -90,7 +103,7 @@ def parse_time(value: object, *, csv_row: bool = True) -> datetime | None:
 def parse_amount(value: object) -> Decimal | None:
     """A finite decimal in [0, 1e12], else None. Floats are refused (JSON numbers are read
     as Decimal by `load_entry`)."""
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, bool | float):
         return None
     try:
         amount = Decimal(value) if isinstance(value, int | str | Decimal) else None
@@ -155,8 +168,12 @@ def _valid_items(row: Mapping[str, Any]) -> bool:
         if not isinstance(items, list):
             return False
         for item in items:
-            if not isinstance(item, dict) or set(item) - {"sku", "category", "quantity",
-                                                          "unit_price"}:
+            if not isinstance(item, dict) or set(item) - {
+                "sku",
+                "category",
+                "quantity",
+                "unit_price",
+            }:
                 return False
             if not (_valid_label(item.get("sku")) and _valid_label(item.get("category"))):
                 return False

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -95,14 +95,26 @@ def test_csv_rows_map_to_purchases_keyed_by_customer(tmp_path: Path) -> None:
 def test_default_currency_when_the_column_is_missing(tmp_path: Path) -> None:
     path = write(tmp_path, "h.csv", "event_id,customer_id,occurred_at,amount\ne1,c1,2024-01-01,5\n")
     assert values_of(path, "GBP") == [
-        {"event_id": "e1", "customer_id": "c1", "occurred_at": "2024-01-01T00:00:00Z",
-         "amount": "5", "currency": "GBP"}
+        {
+            "event_id": "e1",
+            "customer_id": "c1",
+            "occurred_at": "2024-01-01T00:00:00Z",
+            "amount": "5",
+            "currency": "GBP",
+        }
     ]
 
 
 def test_item_defaults_sku_and_quantity_and_rounds_the_unit_price() -> None:
-    row = {"event_id": "e", "customer_id": "c", "occurred_at": "2024-01-01", "amount": "10.00",
-           "category": "baby_food", "sku": "", "quantity": ""}
+    row = {
+        "event_id": "e",
+        "customer_id": "c",
+        "occurred_at": "2024-01-01",
+        "amount": "10.00",
+        "category": "baby_food",
+        "sku": "",
+        "quantity": "",
+    }
     assert csv_row_to_event(row, "EUR")["items"] == [
         {"sku": "baby_food", "category": "baby_food", "quantity": 1, "unit_price": "10.00"}
     ]
@@ -136,13 +148,22 @@ def test_refund_rows(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("row", "reason", "published"),
     [
-        ("e1,c1,2024-01-01,10.00,EUR,toys,t1,abc", RejectReason.SCHEMA,
-         {"items": [{"sku": "t1", "category": "toys", "quantity": "abc"}]}),
-        ("e1,c1,2024-01-01,10.00,EUR,toys,t1,0", RejectReason.SCHEMA,
-         {"items": [{"sku": "t1", "category": "toys", "quantity": 0}]}),
+        (
+            "e1,c1,2024-01-01,10.00,EUR,toys,t1,abc",
+            RejectReason.SCHEMA,
+            {"items": [{"sku": "t1", "category": "toys", "quantity": "abc"}]},
+        ),
+        (
+            "e1,c1,2024-01-01,10.00,EUR,toys,t1,0",
+            RejectReason.SCHEMA,
+            {"items": [{"sku": "t1", "category": "toys", "quantity": 0}]},
+        ),
         ("e1,c1,2024-01-01,-5,EUR,,,", RejectReason.INVALID_AMOUNT, {"amount": "-5"}),
-        ("e1,c1,2024-01-01,NaN,EUR,toys,,", RejectReason.INVALID_AMOUNT,
-         {"amount": "NaN", "items": [{"sku": "toys", "category": "toys", "quantity": 1}]}),
+        (
+            "e1,c1,2024-01-01,NaN,EUR,toys,,",
+            RejectReason.INVALID_AMOUNT,
+            {"amount": "NaN", "items": [{"sku": "toys", "category": "toys", "quantity": 1}]},
+        ),
         ("e1,c1,2024-01-01,12;50,EUR,,,", RejectReason.INVALID_AMOUNT, {"amount": "12;50"}),
         ("e1,c1,soon,1,EUR,,,", RejectReason.SCHEMA, {"occurred_at": "soon"}),
         ("e1,c1,2024-01-01,1,eur,,,", RejectReason.SCHEMA, {"currency": "eur"}),
@@ -170,8 +191,11 @@ def test_missing_customer_id_is_published_unkeyed(tmp_path: Path) -> None:
 
 
 def test_a_shifted_row_is_marked_so_the_worker_rejects_it(tmp_path: Path) -> None:
-    path = write(tmp_path, "h.csv", f"{HEADER}\ne1,c1,2024-01-01,1,234.00,EUR,toys,t1,1\n"
-                 "e2,c1,2024-01-01,1,EUR,,,,\n")  # a trailing empty cell is harmless
+    path = write(
+        tmp_path,
+        "h.csv",
+        f"{HEADER}\ne1,c1,2024-01-01,1,234.00,EUR,toys,t1,1\ne2,c1,2024-01-01,1,EUR,,,,\n",
+    )  # a trailing empty cell is harmless
     shifted, trailing = records_of(path)
     assert json.loads(shifted.value)["unexpected_fields"] == ["1"]
     assert isinstance(decode_event(shifted.value), Rejection)
@@ -192,7 +216,9 @@ def test_blank_lines_are_skipped_and_counted_and_lines_numbered(tmp_path: Path) 
     )
     reader = iter_history(path, "EUR")
     assert [(r.line, json.loads(r.value)["event_id"]) for r in reader] == [
-        (3, "e1"), (6, "e2"), (8, "e3")
+        (3, "e1"),
+        (6, "e2"),
+        (8, "e3"),
     ]
     assert reader.skipped_blank == 3
     assert count_lines(path) == 4  # an overestimate by the quoted line break, as documented
@@ -243,8 +269,9 @@ def test_jsonl_lines_are_published_verbatim(tmp_path: Path) -> None:
         b"\xff\xfe not utf-8",
     ]
     path = tmp_path / "h.jsonl"
-    path.write_bytes(lines[0] + b"\r\n" + b"\n".join(lines[1:3]) + b"\n\n  \n"
-                     + b"\n".join(lines[3:]))  # no newline at the end
+    path.write_bytes(
+        lines[0] + b"\r\n" + b"\n".join(lines[1:3]) + b"\n\n  \n" + b"\n".join(lines[3:])
+    )  # no newline at the end
     reader = iter_history(path, "EUR")
     records = list(reader)
     assert [r.value for r in records] == lines
@@ -277,7 +304,7 @@ class _FakeFuture:
 
 
 class _FakeProducer:
-    instances: list[_FakeProducer] = []
+    instances: ClassVar[list[_FakeProducer]] = []
 
     def __init__(self, **config: Any) -> None:
         self.config = config

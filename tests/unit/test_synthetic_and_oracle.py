@@ -41,8 +41,17 @@ ROOT = Path(__file__).resolve().parents[2]
 START = datetime(2025, 1, 1, tzinfo=UTC)
 WALL = datetime(2026, 3, 1, tzinfo=UTC)
 AS_OF = datetime(2026, 2, 5, tzinfo=UTC)
-EXPORT_FIELDS = ("customer_id", "first_purchase_at", "last_purchase_at", "recency_days",
-                 "frequency", "monetary", "lifetime_orders", "lifetime_spend", "tier")
+EXPORT_FIELDS = (
+    "customer_id",
+    "first_purchase_at",
+    "last_purchase_at",
+    "recency_days",
+    "frequency",
+    "monetary",
+    "lifetime_orders",
+    "lifetime_spend",
+    "tier",
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +79,16 @@ def test_rows_are_well_formed_sorted_and_unique(history: list[dict[str, str]]) -
     assert [row["occurred_at"] for row in history] == sorted(row["occurred_at"] for row in history)
     end = START + timedelta(days=400)
     for row in history:
-        assert set(row) == {"event_id", "customer_id", "occurred_at", "amount", "currency",
-                            "category", "sku", "quantity"}
+        assert set(row) == {
+            "event_id",
+            "customer_id",
+            "occurred_at",
+            "amount",
+            "currency",
+            "category",
+            "sku",
+            "quantity",
+        }
         assert all(isinstance(value, str) for value in row.values())
         assert re.fullmatch(r"7-\d+", row["event_id"])
         assert re.fullmatch(r"cust-\d{5}", row["customer_id"])
@@ -113,7 +130,7 @@ def test_formula_buyers_come_back_about_every_three_weeks(
             last[row["customer_id"]] = moment
     assert len(gaps) > 100
     assert 18 <= statistics.median(gaps) <= 24
-    assert 17 <= min(gaps) and max(gaps) <= 25
+    assert min(gaps) >= 17 and max(gaps) <= 25
 
 
 def test_add_noise(history: list[dict[str, str]]) -> None:
@@ -138,8 +155,11 @@ def test_add_noise(history: list[dict[str, str]]) -> None:
         else:
             first_at[row["event_id"]] = position
     # Out of order, but only locally.
-    order = [row["event_id"] for row in good if counts[row["event_id"]] == 1 or row is
-             good[first_at[row["event_id"]]]]
+    order = [
+        row["event_id"]
+        for row in good
+        if counts[row["event_id"]] == 1 or row is good[first_at[row["event_id"]]]
+    ]
     original = {row["event_id"]: index for index, row in enumerate(rows)}
     moves = [abs(original[event_id] - index) for index, event_id in enumerate(order)]
     assert 0 < max(moves) <= 25
@@ -152,8 +172,11 @@ def test_bad_entries_cover_every_kind_and_are_refused_for_the_right_reason(
     history: list[dict[str, str]], policy: Policy
 ) -> None:
     noisy = add_noise(history[:50], seed=1, duplicates=0, bad=len(BAD_KINDS), shuffle_window=0)
-    bad = {json.loads(e)["event_id"] if e.endswith(b"}") else "broken": e
-           for e in noisy if isinstance(e, bytes)}
+    bad = {
+        json.loads(e)["event_id"] if e.endswith(b"}") else "broken": e
+        for e in noisy
+        if isinstance(e, bytes)
+    }
     reasons = {}
     for entry in bad.values():
         decoded = decode_event(entry)
@@ -198,11 +221,16 @@ def test_files_replay_to_the_same_messages(tmp_path: Path, history: list[dict[st
 # -- the oracle on a hand-written example ----------------------------------------------------
 
 
-def _row(event_id: str, customer: str, at: str, amount: str, currency: str = "EUR") -> dict[
-    str, str
-]:
-    return {"event_id": event_id, "customer_id": customer, "occurred_at": at, "amount": amount,
-            "currency": currency}
+def _row(
+    event_id: str, customer: str, at: str, amount: str, currency: str = "EUR"
+) -> dict[str, str]:
+    return {
+        "event_id": event_id,
+        "customer_id": customer,
+        "occurred_at": at,
+        "amount": amount,
+        "currency": currency,
+    }
 
 
 # Arrival order. as_of 2025-01-10T12:00Z: the window is the UTC days 2024-01-12 .. 2025-01-10.
@@ -280,8 +308,10 @@ def test_oracle_window_edges_follow_utc_days() -> None:
 def test_oracle_tier_steps_with_custom_tiers() -> None:
     tiers = [("basic", Decimal(0), 0), ("plus", Decimal(10), 1), ("max", Decimal(20), 2)]
     rows = [_row("1", "c", "2024-01-01T00:00:00Z", "25"), _row("2", "c", "2024-01-02", "1")]
-    assert expected_upgrades(rows, tiers=tiers) == {("c", "basic", "plus", "1"),
-                                                    ("c", "plus", "max", "2")}
+    assert expected_upgrades(rows, tiers=tiers) == {
+        ("c", "basic", "plus", "1"),
+        ("c", "plus", "max", "2"),
+    }
     assert batch_export(rows, EXAMPLE_AS_OF, tiers=tiers)["c"]["tier"] == "max"
 
 
@@ -304,17 +334,31 @@ def test_oracle_tier_steps_with_custom_tiers() -> None:
         ({**_row("e", "c", "2024-01-01", "1"), "category": "toys", "quantity": "abc"}, False),
         ({**_row("e", "c", "2024-01-01", "1"), "category": "toys", "quantity": ""}, True),
         ({**_row("e", "c", "2024-01-01", "1"), "type": "refund", "refund_of": "x"}, False),
-        (b'{"event_id":"e","customer_id":"c","occurred_at":"2024-01-01T00:00:00Z",'
-         b'"amount":1.5,"currency":"EUR","items":[{"sku":"s","category":"k","quantity":2}]}',
-         True),
-        (b'{"event_id":"e","customer_id":"c","occurred_at":"2024-01-01T00:00:00",'
-         b'"amount":"1","currency":"EUR"}', False),  # JSON: a zone is required
-        (b'{"event_id":"e","customer_id":"c","occurred_at":"2024-01-01",'
-         b'"amount":"1","currency":"EUR"}', False),
-        (b'{"event_id":"e","customer_id":"c","occurred_at":"2024-01-01T00:00:00Z",'
-         b'"amount":NaN,"currency":"EUR"}', False),
-        (b'{"event_id":"e","customer_id":"c","occurred_at":"2024-01-01T00:00:00Z",'
-         b'"amount":"1","currency":"EUR","colour":"red"}', False),
+        (
+            b'{"event_id":"e","customer_id":"c","occurred_at":"2024-01-01T00:00:00Z",'
+            b'"amount":1.5,"currency":"EUR","items":[{"sku":"s","category":"k","quantity":2}]}',
+            True,
+        ),
+        (
+            b'{"event_id":"e","customer_id":"c","occurred_at":"2024-01-01T00:00:00",'
+            b'"amount":"1","currency":"EUR"}',
+            False,
+        ),  # JSON: a zone is required
+        (
+            b'{"event_id":"e","customer_id":"c","occurred_at":"2024-01-01",'
+            b'"amount":"1","currency":"EUR"}',
+            False,
+        ),
+        (
+            b'{"event_id":"e","customer_id":"c","occurred_at":"2024-01-01T00:00:00Z",'
+            b'"amount":NaN,"currency":"EUR"}',
+            False,
+        ),
+        (
+            b'{"event_id":"e","customer_id":"c","occurred_at":"2024-01-01T00:00:00Z",'
+            b'"amount":"1","currency":"EUR","colour":"red"}',
+            False,
+        ),
         (b'{"event_id":"e",', False),
         (b"[]", False),
     ],
@@ -324,9 +368,10 @@ def test_is_valid_row(entry: dict[str, str] | bytes, valid: bool, policy: Policy
     # The oracle's rule agrees with what the worker does with the same message.
     raw = entry if isinstance(entry, bytes) else purchase_json(entry)
     decoded = decode_event(raw)
-    accepted = isinstance(decoded, Purchase) and screen(
-        decoded, policy, epoch(decoded.occurred_at), epoch(WALL)
-    ) is None
+    accepted = (
+        isinstance(decoded, Purchase)
+        and screen(decoded, policy, epoch(decoded.occurred_at), epoch(WALL)) is None
+    )
     assert accepted is valid
 
 
@@ -338,18 +383,27 @@ def test_oracle_defaults_match_the_default_policy_file() -> None:
     assert document["input"]["max_future_skew_minutes"] * 60 == (
         oracle.MAX_FUTURE_SKEW.total_seconds()
     )
-    tiers = [(t["name"], Decimal(t.get("min_window_spend", 0)), t.get("min_window_orders", 0))
-             for t in document["tiers"]]
+    tiers = [
+        (t["name"], Decimal(t.get("min_window_spend", 0)), t.get("min_window_orders", 0))
+        for t in document["tiers"]
+    ]
     assert tiers == oracle.DEFAULT_TIERS
 
 
 def test_oracle_is_independent_of_the_engine() -> None:
     tree = ast.parse((ROOT / "tests" / "oracle.py").read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not {name for name in imported if name.split(".")[0] in {"rules", "state", "streams",
-                                                                    "memberflow", "agents"}}
+    assert not {
+        name
+        for name in imported
+        if name.split(".")[0] in {"rules", "state", "streams", "memberflow", "agents"}
+    }
 
 
 # -- the oracle against the engine's fold ----------------------------------------------------
@@ -375,8 +429,14 @@ def _engine(
             states[event.customer_id] = decision.state
         for note in decision.notifications:
             if note.type == NotificationType.TIER_UPGRADED:
-                upgrades.add((note.customer_id, note.explanation["previous_tier"],
-                              note.explanation["new_tier"], note.cause.id))
+                upgrades.add(
+                    (
+                        note.customer_id,
+                        note.explanation["previous_tier"],
+                        note.explanation["new_tier"],
+                        note.cause.id,
+                    )
+                )
     export = {
         cid: {name: summarize(state, policy, epoch(as_of))[name] for name in EXPORT_FIELDS}
         for cid, state in sorted(states.items())
