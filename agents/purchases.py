@@ -46,7 +46,8 @@ def register(app: faust.App, runtime: Runtime) -> None:
         async for events in batches:
             started = time.perf_counter()
             log.debug(
-                "batch of %d: %s", len(events),
+                "batch of %d: %s",
+                len(events),
                 sorted({(e.message.partition, e.message.offset) for e in events}),
             )
             batch = [

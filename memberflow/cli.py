@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser(
-        "worker", help="run a stream worker (Faust) from the MEMBERFLOW_* settings",
+        "worker",
+        help="run a stream worker (Faust) from the MEMBERFLOW_* settings",
         description="Run a worker: consumes the purchases topic, writes state to Redis, "
         "produces notifications and dead letters. Start several for more throughput; "
         "they share the topic's partitions.",
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = commands.add_parser(
-        "demo", help="run everything locally: broker, Redis, a worker and a synthetic shop",
+        "demo",
+        help="run everything locally: broker, Redis, a worker and a synthetic shop",
         description="The embedded default: starts a local Kafka-protocol broker (Tansu) and a "
         "redis-server in a temp dir, a worker, and a synthetic shop producing purchases; "
         "shows progress and a live summary, then stops by itself.",
@@ -271,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = commands.add_parser(
-        "replay", help="publish purchases from a CSV or JSONL file to the purchases topic",
+        "replay",
+        help="publish purchases from a CSV or JSONL file to the purchases topic",
         description="Publish history to the purchases topic, keyed by customer_id, with a "
         "progress bar. CSV header: event_id,customer_id,occurred_at,amount and optional "
         "currency,category,sku,quantity (and type,refund_of for refunds). occurred_at is ISO "
@@ -283,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_replay)
 
     p = commands.add_parser(
-        "customer", help="one customer's state and explanation as JSON",
+        "customer",
+        help="one customer's state and explanation as JSON",
         description="Print one customer's R/F/M, tier and explanation as JSON.",
     )
     p.add_argument("customer_id")
@@ -291,12 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_customer)
 
     p = commands.add_parser(
-        "export", help="every customer's state, one JSON object per line",
+        "export",
+        help="every customer's state, one JSON object per line",
         description="Export every customer: customer_id, first/last purchase, recency_days, "
         "frequency and monetary (rolling window), lifetime totals, tier, categories.",
     )
-    p.add_argument("--as-of", help="evaluation time for recency and the window (ISO 8601); "
-                   "default: the engine's clock (event clock in event mode, else now)")
+    p.add_argument(
+        "--as-of",
+        help="evaluation time for recency and the window (ISO 8601); "
+        "default: the engine's clock (event clock in event mode, else now)",
+    )
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_export)
 

@@ -56,8 +56,12 @@ class _Notifications(threading.Thread):
         from kafka import KafkaConsumer
 
         consumer = KafkaConsumer(
-            self.topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest",
-            enable_auto_commit=False, group_id=None, consumer_timeout_ms=500,
+            self.topic,
+            bootstrap_servers=self.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=None,
+            consumer_timeout_ms=500,
         )
         try:
             while not self.stopping.is_set():
@@ -73,8 +77,9 @@ class _Notifications(threading.Thread):
 class _Shop(threading.Thread):
     """Publishes the synthetic history at `rate` events per second, keyed by customer."""
 
-    def __init__(self, bootstrap: str, topic: str, entries: list[bytes | dict[str, str]],
-                 rate: float) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, entries: list[bytes | dict[str, str]], rate: float
+    ) -> None:
         super().__init__(daemon=True, name="demo-shop")
         self.bootstrap, self.topic, self.entries, self.rate = bootstrap, topic, entries, rate
         self.sent = 0
@@ -130,8 +135,11 @@ def run_demo(options: DemoOptions) -> int:
     style = _Style(sys.stdout.isatty())
     out = sys.stdout
     workdir = options.workdir
-    print(style("memberflow demo", "1") + ": a local broker, Redis, one worker and a synthetic "
-          f"shop of {options.customers} customers over {options.days} days", file=out)
+    print(
+        style("memberflow demo", "1") + ": a local broker, Redis, one worker and a synthetic "
+        f"shop of {options.customers} customers over {options.days} days",
+        file=out,
+    )
     with (
         LocalBroker(workdir=workdir / "broker" if workdir else None) as broker,
         LocalRedis(workdir=workdir / "redis" if workdir else None) as redis_server,
@@ -159,18 +167,32 @@ def run_demo(options: DemoOptions) -> int:
             worker.stop(timeout=30)
 
 
-def _run(options: DemoOptions, broker: LocalBroker, redis_server: LocalRedis,
-         worker: WorkerProcess, style: _Style) -> int:
+def _run(
+    options: DemoOptions,
+    broker: LocalBroker,
+    redis_server: LocalRedis,
+    worker: WorkerProcess,
+    style: _Style,
+) -> int:
     out = sys.stdout
     start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(
-        days=options.days)
+        days=options.days
+    )
     rows = generate_history(options.customers, start, options.days, seed=options.seed)
-    entries = add_noise(rows, seed=options.seed, duplicates=max(1, len(rows) // 50),
-                        bad=max(3, len(rows) // 400), shuffle_window=10)
+    entries = add_noise(
+        rows,
+        seed=options.seed,
+        duplicates=max(1, len(rows) // 50),
+        bad=max(3, len(rows) // 400),
+        shuffle_window=10,
+    )
     bad = sum(isinstance(entry, bytes) for entry in entries)
-    print(f"  shop    {len(entries)} events ({len(rows)} purchases, "
-          f"{len(entries) - len(rows) - bad} duplicates, {bad} bad lines) at "
-          f"{options.rate:.0f}/s", file=out)
+    print(
+        f"  shop    {len(entries)} events ({len(rows)} purchases, "
+        f"{len(entries) - len(rows) - bad} duplicates, {bad} bad lines) at "
+        f"{options.rate:.0f}/s",
+        file=out,
+    )
     notifications = _Notifications(broker.bootstrap, "notifications")
     shop = _Shop(broker.bootstrap, "purchases", entries, options.rate)
     notifications.start()
@@ -190,13 +212,15 @@ def _run(options: DemoOptions, broker: LocalBroker, redis_server: LocalRedis,
                 f"  {now - started:5.0f}s  sent {shop.sent:>6}/{len(entries)}  processed "
                 f"{seen:>6}  {rate:>7,.0f} ev/s  tiers "
                 + " ".join(f"{name}={count}" for name, count in sorted(tiers.items()))
-                + "  notifications " + " ".join(
-                    f"{kind}={count}" for kind, count in sorted(notifications.by_type.items())),
-                file=out, flush=True,
+                + "  notifications "
+                + " ".join(
+                    f"{kind}={count}" for kind, count in sorted(notifications.by_type.items())
+                ),
+                file=out,
+                flush=True,
             )
             if shop.error is not None:
-                print(f"memberflow demo: the shop could not publish: {shop.error}",
-                      file=sys.stderr)
+                print(f"memberflow demo: the shop could not publish: {shop.error}", file=sys.stderr)
                 return 1
             if seen >= len(entries) or now - started >= options.duration_s:
                 break
@@ -206,13 +230,21 @@ def _run(options: DemoOptions, broker: LocalBroker, redis_server: LocalRedis,
         notifications.stopping.set()
         shop.join(timeout=10)
         notifications.join(timeout=10)
-    _summary(worker, redis_server, notifications, seen, len(entries), time.monotonic() - started,
-             style)
+    _summary(
+        worker, redis_server, notifications, seen, len(entries), time.monotonic() - started, style
+    )
     return 0
 
 
-def _summary(worker: WorkerProcess, redis_server: LocalRedis, notifications: _Notifications,
-             seen: int, total: int, seconds: float, style: _Style) -> None:
+def _summary(
+    worker: WorkerProcess,
+    redis_server: LocalRedis,
+    notifications: _Notifications,
+    seen: int,
+    total: int,
+    seconds: float,
+    style: _Style,
+) -> None:
     out = sys.stdout
     metrics = worker.metrics()
 
@@ -220,19 +252,33 @@ def _summary(worker: WorkerProcess, redis_server: LocalRedis, notifications: _No
         return int(metrics.get(f'memberflow_events_total{{outcome="{outcome}"}}', 0))
 
     print("\n" + style("summary", "1"), file=out)
-    print(f"  processed {seen} of {total} events in {seconds:.0f}s: "
-          f"{events('applied')} applied, {events('duplicate')} duplicates skipped, "
-          f"{events('dead_lettered')} dead-lettered",
-          file=out)
-    reasons = {k.split('"')[1]: int(v) for k, v in metrics.items()
-               if k.startswith("memberflow_dead_letters_total{")}
+    print(
+        f"  processed {seen} of {total} events in {seconds:.0f}s: "
+        f"{events('applied')} applied, {events('duplicate')} duplicates skipped, "
+        f"{events('dead_lettered')} dead-lettered",
+        file=out,
+    )
+    reasons = {
+        k.split('"')[1]: int(v)
+        for k, v in metrics.items()
+        if k.startswith("memberflow_dead_letters_total{")
+    }
     if reasons:
-        print("  dead letters (topic purchases.dlq): "
-              + ", ".join(f"{r}={n}" for r, n in sorted(reasons.items())), file=out)
+        print(
+            "  dead letters (topic purchases.dlq): "
+            + ", ".join(f"{r}={n}" for r, n in sorted(reasons.items())),
+            file=out,
+        )
     tiers = _tiers(redis_server.url)
-    print("  customers per tier: "
-          + ", ".join(f"{style(name, '32')}={n}" for name, n in sorted(tiers.items())), file=out)
-    print("  notifications: " + (", ".join(
-        f"{kind}={n}" for kind, n in sorted(notifications.by_type.items())) or "none"), file=out)
+    print(
+        "  customers per tier: "
+        + ", ".join(f"{style(name, '32')}={n}" for name, n in sorted(tiers.items())),
+        file=out,
+    )
+    print(
+        "  notifications: "
+        + (", ".join(f"{kind}={n}" for kind, n in sorted(notifications.by_type.items())) or "none"),
+        file=out,
+    )
     for notification in list(notifications.latest)[-3:]:
         print(f"    - {notification['customer_id']}: {notification['summary']}", file=out)

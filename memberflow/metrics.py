@@ -17,24 +17,33 @@ class Metrics:
             registry=r,
         )
         self.dead_letters = Counter(
-            "memberflow_dead_letters_total", "Dead-lettered inputs by reason.", ["reason"],
+            "memberflow_dead_letters_total",
+            "Dead-lettered inputs by reason.",
+            ["reason"],
             registry=r,
         )
         self.notifications = Counter(
-            "memberflow_notifications_total", "Notifications produced by type.", ["type"],
+            "memberflow_notifications_total",
+            "Notifications produced by type.",
+            ["type"],
             registry=r,
         )
         self.batch_size = Histogram(
-            "memberflow_batch_size_events", "Events per processed batch.",
-            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000), registry=r,
+            "memberflow_batch_size_events",
+            "Events per processed batch.",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
+            registry=r,
         )
         self.batch_seconds = Histogram(
-            "memberflow_batch_duration_seconds", "Time to process one batch end to end.",
+            "memberflow_batch_duration_seconds",
+            "Time to process one batch end to end.",
             registry=r,
         )
         self.redis_retries = Counter(
-            "memberflow_redis_retries_total", "Redis operations retried after a transient error.",
-            ["operation"], registry=r,
+            "memberflow_redis_retries_total",
+            "Redis operations retried after a transient error.",
+            ["operation"],
+            registry=r,
         )
         self.version_conflicts = Counter(
             "memberflow_version_conflicts_total",
@@ -42,6 +51,7 @@ class Metrics:
             registry=r,
         )
         self.event_clock = Gauge(
-            "memberflow_event_clock_seconds", "The engine clock (event time in event mode).",
+            "memberflow_event_clock_seconds",
+            "The engine clock (event time in event mode).",
             registry=r,
         )

@@ -152,8 +152,9 @@ def new_customer(customer_id: str, policy: Policy) -> CustomerState:
     return CustomerState(customer_id=customer_id, tier=policy.tiers[0].name)
 
 
-def evaluation_time(clock_mode: str, state: CustomerState | None, event: InputEvent,
-                    wall_now: int) -> int:
+def evaluation_time(
+    clock_mode: str, state: CustomerState | None, event: InputEvent, wall_now: int
+) -> int:
     """The `now` an event is judged at. In `event` mode it is this customer's own latest event
     time, so the result does not depend on how other customers' events were batched or
     partitioned (1 worker and 3 workers give identical results)."""
@@ -186,15 +187,14 @@ def screen(event: InputEvent, policy: Policy, now: int, wall_now: int) -> Reject
     return None
 
 
-def apply(
-    state: CustomerState | None, event: InputEvent, policy: Policy, now: int
-) -> Decision:
+def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: int) -> Decision:
     """Fold one screened event into a customer's state, at evaluation time `now`."""
     current = state if state is not None else new_customer(event.customer_id, policy)
     amount = to_minor(event.amount, event.currency, policy)
     if amount is None:  # screen() refuses these; kept total so apply() is safe on its own
-        return Decision(state, rejection=Rejection(
-            reason=RejectReason.UNKNOWN_CURRENCY, detail=event.currency))
+        return Decision(
+            state, rejection=Rejection(reason=RejectReason.UNKNOWN_CURRENCY, detail=event.currency)
+        )
     key = event_key(event.event_id)
     occurred = epoch(event.occurred_at)
     day = occurred // DAY
@@ -202,10 +202,13 @@ def apply(
     if previous is not None:
         kind = _PURCHASE if isinstance(event, Purchase) else _REFUND
         if previous[0] != kind or previous[1] != day or previous[2] != amount:
-            return Decision(state, rejection=Rejection(
-                reason=RejectReason.CONFLICTING_DUPLICATE,
-                detail=f"event_id {event.event_id} was applied before with another payload",
-            ))
+            return Decision(
+                state,
+                rejection=Rejection(
+                    reason=RejectReason.CONFLICTING_DUPLICATE,
+                    detail=f"event_id {event.event_id} was applied before with another payload",
+                ),
+            )
         return Decision(state, duplicate=True)
 
     if isinstance(event, Refund):
@@ -213,10 +216,12 @@ def apply(
 
     new = current.copy()
     new.seen[key] = [_PURCHASE, day, amount, 0]
-    new.first_purchase_at = occurred if new.first_purchase_at is None else min(
-        new.first_purchase_at, occurred)
-    new.last_purchase_at = occurred if new.last_purchase_at is None else max(
-        new.last_purchase_at, occurred)
+    new.first_purchase_at = (
+        occurred if new.first_purchase_at is None else min(new.first_purchase_at, occurred)
+    )
+    new.last_purchase_at = (
+        occurred if new.last_purchase_at is None else max(new.last_purchase_at, occurred)
+    )
     new.latest_event_at = max(new.latest_event_at or occurred, occurred)
     new.lifetime_orders += 1
     new.lifetime_spend += amount
@@ -235,24 +240,35 @@ def apply(
 
 
 def _apply_refund(
-    current: CustomerState, event: Refund, key: str, day: int, amount: int, policy: Policy,
+    current: CustomerState,
+    event: Refund,
+    key: str,
+    day: int,
+    amount: int,
+    policy: Policy,
     now: int,
 ) -> Decision:
     original = current.seen.get(event_key(event.refund_of))
     if original is None or original[0] != _PURCHASE:
         # Refunds must follow their purchase. Dead-lettered (not dropped), so an operator can
         # replay it once the purchase is in.
-        return Decision(current if current.seen else None, rejection=Rejection(
-            reason=RejectReason.UNKNOWN_PURCHASE,
-            detail=f"no purchase {event.refund_of} for customer {event.customer_id}",
-        ))
+        return Decision(
+            current if current.seen else None,
+            rejection=Rejection(
+                reason=RejectReason.UNKNOWN_PURCHASE,
+                detail=f"no purchase {event.refund_of} for customer {event.customer_id}",
+            ),
+        )
     _, purchase_day, purchase_amount, refunded = original
     if refunded + amount > purchase_amount:
-        return Decision(current, rejection=Rejection(
-            reason=RejectReason.REFUND_EXCEEDS_PURCHASE,
-            detail=f"refund of {format_minor(amount)} exceeds the remaining "
-                   f"{format_minor(purchase_amount - refunded)} of {event.refund_of}",
-        ))
+        return Decision(
+            current,
+            rejection=Rejection(
+                reason=RejectReason.REFUND_EXCEEDS_PURCHASE,
+                detail=f"refund of {format_minor(amount)} exceeds the remaining "
+                f"{format_minor(purchase_amount - refunded)} of {event.refund_of}",
+            ),
+        )
     new = current.copy()
     occurred = epoch(event.occurred_at)
     new.seen[key] = [_REFUND, day, amount, 0]
@@ -287,10 +303,7 @@ def _expire(state: CustomerState, policy: Policy, now: int) -> None:
 def qualifying_tier(policy: Policy, window_orders: int, window_spend: int) -> TierRule:
     best = policy.tiers[0]
     for tier in policy.tiers[1:]:
-        if (
-            window_orders >= tier.min_window_orders
-            and window_spend >= minor(tier.min_window_spend)
-        ):
+        if window_orders >= tier.min_window_orders and window_spend >= minor(tier.min_window_spend):
             best = tier
     return best
 

@@ -74,7 +74,12 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "memberflow.cli", *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 

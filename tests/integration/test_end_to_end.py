@@ -24,8 +24,15 @@ from tests.oracle import batch_export, expected_upgrades, valid_rows
 pytestmark = pytest.mark.integration
 
 EXPORT_FIELDS = (
-    "customer_id", "first_purchase_at", "last_purchase_at", "recency_days", "frequency",
-    "monetary", "lifetime_orders", "lifetime_spend", "tier",
+    "customer_id",
+    "first_purchase_at",
+    "last_purchase_at",
+    "recency_days",
+    "frequency",
+    "monetary",
+    "lifetime_orders",
+    "lifetime_spend",
+    "tier",
 )
 
 
@@ -65,8 +72,11 @@ def test_replay_twice_equals_batch_computation(
     }
     assert len(actual) == len(expected) == 120
     mismatched = [cid for cid in expected if actual.get(cid) != expected[cid]]
-    assert not mismatched, (mismatched[:3], [actual.get(c) for c in mismatched[:3]],
-                            [expected[c] for c in mismatched[:3]])
+    assert not mismatched, (
+        mismatched[:3],
+        [actual.get(c) for c in mismatched[:3]],
+        [expected[c] for c in mismatched[:3]],
+    )
     tiers = Counter(doc["tier"] for doc in actual.values())
     assert {"silver", "gold", "platinum"} <= set(tiers), tiers
 
@@ -74,8 +84,12 @@ def test_replay_twice_equals_batch_computation(
     ids = Counter(n["notification_id"] for n in notifications)
     assert [i for i, n in ids.items() if n > 1] == []  # nothing emitted twice
     assert {
-        (n["customer_id"], n["explanation"]["previous_tier"], n["explanation"]["new_tier"],
-         n["cause"]["id"])
+        (
+            n["customer_id"],
+            n["explanation"]["previous_tier"],
+            n["explanation"]["new_tier"],
+            n["cause"]["id"],
+        )
         for n in notifications
     } == expected_upgrades(accepted)
     for n in notifications:
@@ -86,12 +100,18 @@ def test_replay_twice_equals_batch_computation(
     assert Counter(base64.b64decode(d["raw_b64"]) for d in dead) == Counter(bad + bad)
     assert all(d["reason"] and d["detail"] for d in dead)
     reasons = Counter(d["reason"] for d in dead)
-    assert set(reasons) >= {"malformed_json", "invalid_amount", "schema_violation",
-                            "future_timestamp", "unknown_currency"}, reasons
+    assert set(reasons) >= {
+        "malformed_json",
+        "invalid_amount",
+        "schema_violation",
+        "future_timestamp",
+        "unknown_currency",
+    }, reasons
 
     metrics = worker.metrics()
     assert metrics['memberflow_events_total{outcome="applied"}'] == len(
-        {r["event_id"] for r in accepted})
+        {r["event_id"] for r in accepted}
+    )
     assert metrics['memberflow_events_total{outcome="dead_lettered"}'] == 2 * len(bad)
 
 
@@ -104,9 +124,14 @@ def test_customer_command_explains_tier(
     worker.start()
     now = datetime.now(UTC).replace(microsecond=0)
     lines = [
-        {"event_id": f"o{i}", "customer_id": "alice", "occurred_at": now.isoformat(),
-         "amount": "400.00", "currency": "EUR",
-         "items": [{"sku": "f-1", "category": "infant_formula", "quantity": 1}]}
+        {
+            "event_id": f"o{i}",
+            "customer_id": "alice",
+            "occurred_at": now.isoformat(),
+            "amount": "400.00",
+            "currency": "EUR",
+            "items": [{"sku": "f-1", "category": "infant_formula", "quantity": 1}],
+        }
         for i in range(4)
     ]
     path = tmp_path / "alice.jsonl"

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+import memberflow.kafka
 from memberflow import replay
 from memberflow.kafka import BrokerUnreachable
 from memberflow.replay import (
@@ -329,7 +330,7 @@ def test_publish_sends_in_file_order_and_reports_blank_lines(
     import kafka
 
     monkeypatch.setattr(kafka, "KafkaProducer", _FakeProducer)
-    monkeypatch.setattr(replay, "_probe", lambda *args: None)
+    monkeypatch.setattr(memberflow.kafka, "probe", lambda *args: None)
     path = write(tmp_path, "h.jsonl", '{"customer_id":"a"}\n\n{"customer_id":"b"}\nbroken\n')
     stats = publish(iter_history(path, "EUR"), "h1:9092, h2:9092", "purchases", progress=False)
     producer = _FakeProducer.instances[-1]
