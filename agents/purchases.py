@@ -35,6 +35,19 @@ def register(app: faust.App, runtime: Runtime) -> None:
         partitions=settings.partitions,
     )
 
+    positions: dict[faust.types.TP, int] = {}  # last processed offset per partition
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        # From the consumer's own high-water marks: no broker round trip per scrape.
+        for tp in app.consumer.assignment():
+            if tp.topic != settings.purchases_topic or tp not in positions:
+                continue  # nothing processed here yet: no position to measure from
+            highwater = app.consumer.highwater(tp)
+            if highwater is not None:
+                lag = max(0, highwater - positions[tp] - 1)
+                runtime.metrics.consumer_lag.labels(str(tp.partition)).set(lag)
+
     @app.agent(purchases, concurrency=1, name="memberflow.purchases")
     async def process_purchases(stream: faust.StreamT) -> None:
         from memberflow.app import publish
@@ -70,6 +83,10 @@ def register(app: faust.App, runtime: Runtime) -> None:
                 log.critical("unexpected error; stopping without ack", exc_info=True)
                 logging.shutdown()
                 os._exit(EXIT_UNEXPECTED)
+            done = time.time()
             for event in events:
                 await stream.ack(event)
+                tp = event.message.tp
+                positions[tp] = max(positions.get(tp, -1), event.message.offset)
+                runtime.metrics.processing_latency.observe(max(0.0, done - event.message.timestamp))
             runtime.metrics.batch_seconds.observe(time.perf_counter() - started)

@@ -29,7 +29,7 @@ from rules.customer import CustomerState, apply, epoch, evaluation_time, screen
 from rules.policy import Policy
 from state.store import Store, Stored, Write
 from streams.codec import decode_event
-from streams.events import DeadLetter, InputEvent, Notification, Rejection
+from streams.events import DeadLetter, InputEvent, Notification, NotificationType, Rejection
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ TRANSIENT = (
     OSError,
 )
 MAX_CONFLICT_ROUNDS = 8
+_TIER_DIRECTION = {
+    NotificationType.TIER_UPGRADED: "up",
+    NotificationType.TIER_DOWNGRADED: "down",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +75,7 @@ class _Fold:
     applied: int = 0
     duplicates: int = 0
     rejected: list[tuple[RawMessage, Rejection]] = field(default_factory=list)
-    newest_applied: int = 0  # event time of the newest applied event (for the event clock)
+    applied_times: list[int] = field(default_factory=list)  # event times of applied events
 
 
 class Engine:
@@ -151,7 +155,9 @@ class Engine:
                 # Counted only for a fold that stands: a conflicted one is redone.
                 outcome.applied += fold.applied
                 outcome.duplicates += fold.duplicates
-                newest_applied = max(newest_applied, fold.newest_applied)
+                for occurred in fold.applied_times:
+                    newest_applied = max(newest_applied, occurred)
+                    self.metrics.event_time_lag.observe(max(0, wall_now - occurred))
                 for message, rejection in fold.rejected:
                     self._dead_letter(outcome, message, rejection, wall_now)
             pending = conflicted
@@ -168,6 +174,7 @@ class Engine:
             self.metrics.event_clock.set(wall_now)
 
         self.metrics.batch_size.observe(len(messages))
+        self.metrics.last_event.set(wall_now)
         self.metrics.events.labels("applied").inc(outcome.applied)
         self.metrics.events.labels("duplicate").inc(outcome.duplicates)
         self.metrics.events.labels("dead_lettered").inc(len(outcome.dead_letters))
@@ -196,7 +203,7 @@ class Engine:
                     state = decision.state
                     new_notifications.extend(decision.notifications)
                     fold.applied += 1
-                    fold.newest_applied = max(fold.newest_applied, epoch(event.occurred_at))
+                    fold.applied_times.append(epoch(event.occurred_at))
             if rejection is not None:
                 fold.rejected.append((message, rejection))
         if fold.applied and state is not None:
@@ -231,4 +238,7 @@ class Engine:
         """Call after every notification of `outcome` was acknowledged by the broker."""
         for notification in outcome.notifications:
             self.metrics.notifications.labels(notification.type.value).inc()
+            direction = _TIER_DIRECTION.get(notification.type)
+            if direction is not None:
+                self.metrics.tier_transitions.labels(direction).inc()
         await self.retry("clear_outbox", partial(self.store.clear_outbox, outcome.outbox_versions))

@@ -50,6 +50,35 @@ class Metrics:
             "Customer writes refused because another worker wrote first (reloaded and redone).",
             registry=r,
         )
+        self.consumer_lag = Gauge(
+            "memberflow_consumer_lag_events",
+            "Events in a partition not yet processed by this worker (high water - position).",
+            ["partition"],
+            registry=r,
+        )
+        self.processing_latency = Histogram(
+            "memberflow_processing_latency_seconds",
+            "From the event's arrival on the broker to its state applied and outputs acked.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.event_time_lag = Histogram(
+            "memberflow_event_time_lag_seconds",
+            "From the event's occurred_at to its state applied (large during replays).",
+            buckets=(0.1, 1, 10, 60, 600, 3600, 86400, 7 * 86400, 30 * 86400, 365 * 86400),
+            registry=r,
+        )
+        self.tier_transitions = Counter(
+            "memberflow_tier_transitions_total",
+            "Tier changes by direction (up, down).",
+            ["direction"],
+            registry=r,
+        )
+        self.last_event = Gauge(
+            "memberflow_last_event_timestamp_seconds",
+            "Wall time at which the last batch of events was applied.",
+            registry=r,
+        )
         self.event_clock = Gauge(
             "memberflow_event_clock_seconds",
             "The engine clock (event time in event mode).",
