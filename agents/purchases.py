@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 EXIT_UNEXPECTED = 70
 
 
+def _die(message: str) -> None:
+    log.critical(message, exc_info=True)
+    logging.shutdown()
+    os._exit(EXIT_UNEXPECTED)
+
+
 def register(app: faust.App, runtime: Runtime) -> None:
     settings = runtime.settings
     # Raw bytes: Faust acks and drops a message its own decoder fails on, so we validate.
@@ -48,6 +54,28 @@ def register(app: faust.App, runtime: Runtime) -> None:
                 lag = max(0, highwater - positions[tp] - 1)
                 runtime.metrics.consumer_lag.labels(str(tp.partition)).set(lag)
 
+    @app.timer(interval=settings.timer_poll_s)
+    async def fire_timers() -> None:
+        """Fire due timers of the partitions this worker owns (their customers are ours)."""
+        from memberflow.app import publish
+
+        engine = runtime.engine()
+        shards = sorted(
+            tp.partition for tp in app.consumer.assignment() if tp.topic == settings.purchases_topic
+        )
+        try:
+            for shard in shards:
+                while True:
+                    async with runtime.lock():
+                        outcome = await engine.process_due(shard)
+                        await publish(app, settings, outcome)
+                        await engine.confirm(outcome)
+                    if not outcome.more_due:
+                        break
+        except Exception:
+            # The state is the claim: an unconfirmed firing is found again on restart.
+            _die("unexpected error firing timers; stopping")
+
     @app.agent(purchases, concurrency=1, name="memberflow.purchases")
     async def process_purchases(stream: faust.StreamT) -> None:
         from memberflow.app import publish
@@ -58,11 +86,6 @@ def register(app: faust.App, runtime: Runtime) -> None:
         )
         async for events in batches:
             started = time.perf_counter()
-            log.debug(
-                "batch of %d: %s",
-                len(events),
-                sorted({(e.message.partition, e.message.offset) for e in events}),
-            )
             batch = [
                 RawMessage(
                     topic=event.message.topic,
@@ -74,15 +97,16 @@ def register(app: faust.App, runtime: Runtime) -> None:
                 for event in events
             ]
             try:
-                outcome = await engine.process(batch)
-                await publish(app, settings, outcome)
-                await engine.confirm(outcome)
+                # One batch at a time per worker, events or timers: a timer batch reading a
+                # customer whose outbox is still being produced would send it twice.
+                async with runtime.lock():
+                    outcome = await engine.process(batch)
+                    await publish(app, settings, outcome)
+                    await engine.confirm(outcome)
             except Exception:
                 # Transient Redis errors are retried inside the engine; anything reaching
                 # here is unexpected. Letting it escape would make Faust ack the batch.
-                log.critical("unexpected error; stopping without ack", exc_info=True)
-                logging.shutdown()
-                os._exit(EXIT_UNEXPECTED)
+                _die("unexpected error in the purchases agent; stopping without ack")
             done = time.time()
             for event in events:
                 await stream.ack(event)

@@ -24,6 +24,13 @@ class Runtime:
     policy: Policy
     metrics: Metrics = field(default_factory=Metrics)
     _engine: Engine | None = None
+    _lock: asyncio.Lock | None = None
+
+    def lock(self) -> asyncio.Lock:
+        """Serialises event batches and timer batches within this worker."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
 
     def engine(self) -> Engine:
         # Built lazily inside the running loop: redis.asyncio binds to the loop that uses it.
@@ -40,6 +47,8 @@ class Runtime:
                 clock_mode=self.settings.clock,
                 metrics=self.metrics,
                 max_backoff_s=self.settings.redis_retry_max_backoff_s,
+                timer_lateness_s=self.settings.timer_lateness_s,
+                learn_refresh_s=self.settings.learn_refresh_s,
             )
         return self._engine
 

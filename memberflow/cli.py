@@ -8,7 +8,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from memberflow.policy_file import load_policy
 from memberflow.settings import Settings
 from rules.customer import epoch, summarize
 from rules.policy import Policy, PolicyError
+from rules.timeline import describe_pending, learned_interval
 
 EXIT_USAGE = 2  # bad input from the user: bad policy, unreachable service, bad file
 
@@ -46,8 +47,6 @@ def _parse_time(text: str) -> int:
     except ValueError as exc:
         raise CliError(f"not an ISO 8601 time: {text!r}") from exc
     if moment.tzinfo is None:
-        from datetime import UTC
-
         moment = moment.replace(tzinfo=UTC)
     return epoch(moment)
 
@@ -134,6 +133,8 @@ def cmd_customer(args: argparse.Namespace) -> int:
         if stored.state is None:
             return None
         view = summarize(stored.state, policy, await _as_of(store, settings, args.as_of))
+        learned = await _learned(store, policy)
+        view["pending_timers"] = describe_pending(stored.state, policy, learned)
         view["pending_notifications"] = [n.model_dump(mode="json") for n in stored.outbox]
         return view
 
@@ -166,6 +167,95 @@ def cmd_export(args: argparse.Namespace) -> int:
         if out is not sys.stdout:
             out.close()
     print(f"exported {count} customers", file=sys.stderr)
+    return 0
+
+
+async def _learned(store: Any, policy: Policy) -> dict[str, int]:
+    categories = [c for c, rule in policy.repurchase.categories.items() if rule.learn]
+    histograms = await store.gap_histograms(categories) if categories else {}
+    learned = {}
+    for category, histogram in histograms.items():
+        days = learned_interval(histogram, policy.repurchase.min_samples)
+        if days is not None:
+            learned[category] = days
+    return learned
+
+
+def cmd_intervals(args: argparse.Namespace) -> int:
+    settings = _settings()
+    policy = _policy(settings)
+    categories = sorted(policy.repurchase.categories)
+
+    async def work(store: Any) -> list[dict[str, Any]]:
+        histograms = await store.gap_histograms(categories)
+        rows = []
+        for category in categories:
+            rule = policy.repurchase.categories[category]
+            histogram = histograms.get(category, {})
+            learned = learned_interval(histogram, policy.repurchase.min_samples)
+            in_use = learned if rule.learn and learned is not None else rule.interval_days
+            rows.append(
+                {
+                    "category": category,
+                    "configured_days": rule.interval_days,
+                    "learn": rule.learn,
+                    "samples": sum(histogram.values()),
+                    "learned_median_days": learned,
+                    "min_samples": policy.repurchase.min_samples,
+                    "in_use_days": in_use,
+                    "remind_after_days": max(1, in_use - rule.lead_days),
+                }
+            )
+        return rows
+
+    rows = asyncio.run(_with_store(settings, work))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(
+        f"{'category':<20} {'configured':>10} {'learn':>6} {'samples':>8} {'learned':>8} "
+        f"{'in use':>7} {'remind on day':>14}"
+    )
+    for row in rows:
+        learned = row["learned_median_days"]
+        print(
+            f"{row['category']:<20} {row['configured_days']:>10} {row['learn']!s:>6} "
+            f"{row['samples']:>8} {'-' if learned is None else learned:>8} "
+            f"{row['in_use_days']:>7} {row['remind_after_days']:>14}"
+        )
+    return 0
+
+
+def cmd_tick(args: argparse.Namespace) -> int:
+    """Publish a watermark to every partition: in `event` mode, timers up to TIME fire."""
+    from kafka import KafkaProducer
+
+    from memberflow.kafka import BrokerUnreachable, bootstrap_servers, ensure_topics, probe
+    from streams.events import Tick
+
+    settings = _settings()
+    at = _parse_time(args.time) if args.time else int(time.time())
+    moment = datetime.fromtimestamp(at, UTC)
+    servers = bootstrap_servers(settings.broker_url)
+    try:
+        ensure_topics(settings)
+        probe(servers, settings.broker_url, 10.0)
+    except BrokerUnreachable as exc:
+        raise CliError(str(exc)) from exc
+    producer = KafkaProducer(bootstrap_servers=servers, acks="all")
+    try:
+        partitions = sorted(producer.partitions_for(settings.purchases_topic) or ())
+        value = Tick(occurred_at=moment).model_dump_json().encode()
+        for partition in partitions:
+            producer.send(settings.purchases_topic, value=value, partition=partition)
+        producer.flush()
+    finally:
+        producer.close(timeout=5)
+    print(
+        f"event time is now {moment.isoformat()} on {len(partitions)} partitions of "
+        f"{settings.purchases_topic}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -307,6 +397,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser(
+        "intervals",
+        help="repurchase intervals per category: configured, learned from the data, in use",
+        description="Show what memberflow learned about repurchase cycles: per category the "
+        "configured interval, the number of observed gaps, their median (used once there are "
+        "min_samples gaps and the category has learn: true), and the reminder day.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_intervals)
+
+    p = commands.add_parser(
+        "tick",
+        help="advance event time on every partition (event clock mode)",
+        description="Publish a watermark to every partition of the purchases topic. In "
+        "`event` clock mode time only moves with events; after a replay, `memberflow tick T` "
+        "lets the timers (reminders, lifecycle, window expiry) due before T fire.",
+    )
+    p.add_argument("time", nargs="?", help="ISO 8601 time (default: now)")
+    p.set_defaults(func=cmd_tick)
 
     rules = commands.add_parser("rules", help="policy tools").add_subparsers(
         dest="rules_command", required=True, metavar="SUBCOMMAND"

@@ -1,11 +1,11 @@
 """The engine: validate -> load -> rules -> save -> (caller produces) -> confirm.
 
-One call per batch. The engine owns the order of operations that makes redelivery harmless:
-new state and the notifications it caused are written together (the customer's outbox) in one
-atomic Redis step; the caller produces the outbox and only then acks the input offsets and
-calls `confirm`, which clears the outbox. A crash anywhere re-sends at most an outbox whose
-notification ids are deterministic, and never counts an event twice (event ids are remembered
-in the state).
+One call per batch of input events (`process`) or of due timers (`process_due`). The engine
+owns the order of operations that makes redelivery harmless: new state and the notifications it
+caused are written together (the customer's outbox) in one atomic Redis step; the caller
+produces the outbox and only then acks the input offsets and calls `confirm`, which clears the
+outbox. A crash anywhere re-sends at most an outbox whose notification ids are deterministic,
+and never counts an event twice (event ids are remembered in the state).
 """
 
 from __future__ import annotations
@@ -27,9 +27,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from memberflow.metrics import Metrics
 from rules.customer import CustomerState, apply, epoch, evaluation_time, screen
 from rules.policy import Policy
-from state.store import Store, Stored, Write
+from rules.timeline import Timer, advance, learned_interval, next_due
+from state.store import Store, Stored, TimerEntry, Write
 from streams.codec import decode_event
-from streams.events import DeadLetter, InputEvent, Notification, NotificationType, Rejection
+from streams.events import (
+    DeadLetter,
+    InputEvent,
+    Notification,
+    NotificationType,
+    Rejection,
+    RejectReason,
+    Tick,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +73,30 @@ class BatchOutcome:
     notifications: list[Notification] = field(default_factory=list)
     dead_letters: list[tuple[bytes | None, DeadLetter]] = field(default_factory=list)
     outbox_versions: dict[str, int] = field(default_factory=dict)
+    timers: dict[str, TimerEntry] = field(default_factory=dict)  # exact next due, per customer
+    gaps: list[tuple[str, int]] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
+    timers_fired: int = 0
+    more_due: bool = False  # process_due stopped at its limit
 
 
 @dataclass(slots=True)
 class _Fold:
+    """One customer's work in a batch, kept apart until its write is known to stand."""
+
     stored: Stored
+    shard: int
+    state: CustomerState | None = None
     write: Write | None = None
     applied: int = 0
     duplicates: int = 0
     rejected: list[tuple[RawMessage, Rejection]] = field(default_factory=list)
     applied_times: list[int] = field(default_factory=list)  # event times of applied events
+    effects: list[tuple[str, str]] = field(default_factory=list)
+    gaps: list[tuple[str, int]] = field(default_factory=list)
+    fired: list[Timer] = field(default_factory=list)
+    fired_at: int = 0  # the clock the timers fired at (for lateness)
 
 
 class Engine:
@@ -87,6 +108,8 @@ class Engine:
         metrics: Metrics | None = None,
         wall_clock: Callable[[], float] = time.time,
         max_backoff_s: float = 5.0,
+        timer_lateness_s: int = 3600,
+        learn_refresh_s: float = 60.0,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -94,6 +117,10 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.wall_clock = wall_clock
         self.max_backoff_s = max_backoff_s
+        self.timer_lateness_s = timer_lateness_s
+        self.learn_refresh_s = learn_refresh_s
+        self._learned: dict[str, int] = {}
+        self._learned_at = float("-inf")
 
     async def retry(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """Retry a Redis operation until it succeeds. Not acking is the safe failure: while
@@ -108,67 +135,62 @@ class Engine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
 
-    async def _clock_or_zero(self) -> int:
+    async def learned_intervals(self) -> dict[str, int]:
+        """Median repurchase gaps per learning category, re-read every `learn_refresh_s`."""
+        categories = [c for c, r in self.policy.repurchase.categories.items() if r.learn]
+        if categories and time.monotonic() - self._learned_at >= self.learn_refresh_s:
+            histograms = await self.retry("gaps", partial(self.store.gap_histograms, categories))
+            learned = {}
+            for category, histogram in histograms.items():
+                days = learned_interval(histogram, self.policy.repurchase.min_samples)
+                if days is not None:
+                    learned[category] = days
+            self._learned, self._learned_at = learned, time.monotonic()
+        return self._learned
+
+    async def _global_clock(self) -> int:
         return (await self.store.clock()) or 0
+
+    # -- input events ------------------------------------------------------------------------
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchOutcome:
         outcome = BatchOutcome()
         wall_now = int(self.wall_clock())
         by_customer: dict[str, list[tuple[RawMessage, InputEvent]]] = {}
+        shard_of: dict[str, int] = {}
+        ticks: dict[int, int] = {}
         for message in messages:
             decoded = decode_event(message.value)
             if isinstance(decoded, Rejection):
                 self._dead_letter(outcome, message, decoded, wall_now)
+            elif isinstance(decoded, Tick):
+                self._tick(outcome, message, decoded, wall_now, ticks)
             else:
                 by_customer.setdefault(decoded.customer_id, []).append((message, decoded))
+                shard_of[decoded.customer_id] = message.partition
 
         global_clock = 0
         if self.clock_mode == "event" and by_customer:
-            global_clock = await self.retry("clock", self._clock_or_zero)
+            global_clock = await self.retry("clock", self._global_clock)
+        learned = await self.learned_intervals()
 
-        pending = dict(by_customer)
-        newest_applied = 0
-        for _ in range(MAX_CONFLICT_ROUNDS):
-            if not pending:
-                break
-            loaded = await self.retry("load", partial(self.store.load, list(pending)))
-            folds = {
-                cid: self._fold(loaded[cid], items, global_clock, wall_now)
-                for cid, items in pending.items()
-            }
-            writes = [fold.write for fold in folds.values() if fold.write is not None]
-            versions = await self.retry("save", partial(self.store.save, writes))
-            conflicted = {}
-            for customer_id, fold in folds.items():
-                if fold.write is None:
-                    if fold.stored.outbox:  # left unsent by a crash: send it now
-                        outcome.notifications.extend(fold.stored.outbox)
-                        outcome.outbox_versions[customer_id] = fold.stored.version
-                elif (version := versions[customer_id]) is None:
-                    self.metrics.version_conflicts.inc()
-                    conflicted[customer_id] = pending[customer_id]
-                    continue
-                else:
-                    outcome.notifications.extend(fold.write.outbox)
-                    if fold.write.outbox:
-                        outcome.outbox_versions[customer_id] = version
-                # Counted only for a fold that stands: a conflicted one is redone.
-                outcome.applied += fold.applied
-                outcome.duplicates += fold.duplicates
-                for occurred in fold.applied_times:
-                    newest_applied = max(newest_applied, occurred)
-                    self.metrics.event_time_lag.observe(max(0, wall_now - occurred))
-                for message, rejection in fold.rejected:
-                    self._dead_letter(outcome, message, rejection, wall_now)
-            pending = conflicted
-        if pending:
-            # Another writer keeps winning: give up on the batch without acking it.
-            raise RuntimeError(f"version conflicts did not settle for {sorted(pending)[:5]}")
+        def fold(stored: Stored) -> _Fold:
+            cid = stored.customer_id
+            return self._fold(
+                stored, shard_of[cid], by_customer[cid], global_clock, wall_now, learned
+            )
 
-        if self.clock_mode == "event" and outcome.applied:
-            # Applied events only: a dead-lettered far-future event must not move the clock
-            # (every later event would then be judged too old).
-            clock = await self.retry("clock", partial(self.store.advance_clock, newest_applied))
+        shard_clocks = await self._run(outcome, list(by_customer), fold)
+        for shard, tick in ticks.items():
+            shard_clocks[shard] = max(shard_clocks.get(shard, 0), tick)
+        if self.clock_mode == "event" and shard_clocks:
+            # Applied events and ticks only: a dead-lettered far-future event must not move
+            # the clock (every later event would then be judged too old).
+            for shard, newest in sorted(shard_clocks.items()):
+                await self.retry("clock", partial(self.store.advance_clock, newest, shard))
+            clock = await self.retry(
+                "clock", partial(self.store.advance_clock, max(shard_clocks.values()))
+            )
             self.metrics.event_clock.set(clock)
         elif self.clock_mode == "wall":
             self.metrics.event_clock.set(wall_now)
@@ -180,40 +202,181 @@ class Engine:
         self.metrics.events.labels("dead_lettered").inc(len(outcome.dead_letters))
         return outcome
 
+    def _tick(
+        self,
+        outcome: BatchOutcome,
+        message: RawMessage,
+        tick: Tick,
+        wall_now: int,
+        ticks: dict[int, int],
+    ) -> None:
+        at = epoch(tick.occurred_at)
+        skew = self.policy.input.max_future_skew_minutes * 60
+        if at > wall_now + skew:
+            rejection = Rejection(
+                reason=RejectReason.FUTURE_TIMESTAMP, detail=f"tick at {tick.occurred_at}"
+            )
+            self._dead_letter(outcome, message, rejection, wall_now)
+            return
+        ticks[message.partition] = max(ticks.get(message.partition, 0), at)
+
     def _fold(
         self,
         stored: Stored,
+        shard: int,
         items: list[tuple[RawMessage, InputEvent]],
         global_clock: int,
         wall_now: int,
+        learned: dict[str, int],
     ) -> _Fold:
-        """Apply one customer's events in order, through the pure rules."""
-        fold = _Fold(stored)
-        state: CustomerState | None = stored.state
-        new_notifications: list[Notification] = []
+        """Apply one customer's events in order, through the pure rules. Before each event the
+        customer's timers are brought up to its time, so a purchase arriving after a due
+        reminder (or lifecycle step) sees the world as it was at that moment."""
+        fold = _Fold(stored, shard, state=stored.state)
+        notifications: list[Notification] = []
         for message, event in items:
-            now = evaluation_time(self.clock_mode, state, event, wall_now)
+            now = evaluation_time(self.clock_mode, fold.state, event, wall_now)
             rejection = screen(event, self.policy, max(now, global_clock), wall_now)
             if rejection is None:
-                decision = apply(state, event, self.policy, now)
+                if fold.state is not None:
+                    moved = advance(fold.state, self.policy, now, learned)
+                    if moved.changed:
+                        fold.state = moved.state
+                        notifications.extend(moved.notifications)
+                        fold.effects.extend(moved.effects)
+                decision = apply(fold.state, event, self.policy, now)
                 rejection = decision.rejection
                 if decision.duplicate:
                     fold.duplicates += 1
                 elif rejection is None:
-                    state = decision.state
-                    new_notifications.extend(decision.notifications)
+                    fold.state = decision.state
+                    notifications.extend(decision.notifications)
+                    fold.effects.extend(decision.effects)
+                    fold.gaps.extend(decision.gaps)
                     fold.applied += 1
                     fold.applied_times.append(epoch(event.occurred_at))
             if rejection is not None:
                 fold.rejected.append((message, rejection))
-        if fold.applied and state is not None:
-            fold.write = Write(
-                customer_id=stored.customer_id,
-                expected_version=stored.version,
-                state=state,
-                outbox=tuple(stored.outbox) + tuple(new_notifications),
-            )
+        self._prepare_write(fold, notifications, changed=fold.applied > 0 or bool(fold.effects))
         return fold
+
+    def _prepare_write(self, fold: _Fold, notifications: list[Notification], changed: bool) -> None:
+        if changed and fold.state is not None:
+            fold.write = Write(
+                customer_id=fold.stored.customer_id,
+                expected_version=fold.stored.version,
+                state=fold.state,
+                outbox=tuple(fold.stored.outbox) + tuple(notifications),
+                timer=TimerEntry(fold.shard, next_due(fold.state, self.policy, self._learned)),
+            )
+
+    async def _run(
+        self,
+        outcome: BatchOutcome,
+        customer_ids: list[str],
+        fold: Callable[[Stored], _Fold],
+    ) -> dict[int, int]:
+        """Load, fold, save with compare-and-set; redo customers whose write lost a race.
+        Returns the newest applied event time per shard."""
+        newest: dict[int, int] = {}
+        pending = customer_ids
+        for _ in range(MAX_CONFLICT_ROUNDS):
+            if not pending:
+                return newest
+            loaded = await self.retry("load", partial(self.store.load, pending))
+            folds = {cid: fold(loaded[cid]) for cid in pending}
+            writes = [f.write for f in folds.values() if f.write is not None]
+            versions = await self.retry("save", partial(self.store.save, writes))
+            conflicted = []
+            for customer_id, f in folds.items():
+                if f.write is None:
+                    if f.stored.outbox:  # left unsent by a crash: send it now
+                        outcome.notifications.extend(f.stored.outbox)
+                        outcome.outbox_versions[customer_id] = f.stored.version
+                elif (version := versions[customer_id]) is None:
+                    self.metrics.version_conflicts.inc()
+                    conflicted.append(customer_id)
+                    continue
+                else:
+                    outcome.notifications.extend(f.write.outbox)
+                    if f.write.outbox:
+                        outcome.outbox_versions[customer_id] = version
+                self._settle(outcome, customer_id, f, newest)
+            pending = conflicted
+        if pending:
+            # Another writer keeps winning: give up on the batch without acking it.
+            raise RuntimeError(f"version conflicts did not settle for {sorted(pending)[:5]}")
+        return newest
+
+    def _settle(
+        self, outcome: BatchOutcome, customer_id: str, f: _Fold, newest: dict[int, int]
+    ) -> None:
+        """Count a fold that stands (a conflicted one is redone, so counted only once)."""
+        outcome.applied += f.applied
+        outcome.duplicates += f.duplicates
+        outcome.gaps.extend(f.gaps)
+        outcome.timers_fired += len(f.fired)
+        for timer in f.fired:
+            self.metrics.timer_lateness.observe(max(0, f.fired_at - timer.due))
+        if f.state is not None:
+            # Also for folds that wrote nothing (all duplicates): repairs the index after a
+            # crash between the state write and the index update.
+            outcome.timers[customer_id] = TimerEntry(
+                f.shard, next_due(f.state, self.policy, self._learned)
+            )
+        for trigger, result in f.effects:
+            self.metrics.triggers.labels(trigger, result).inc()
+        wall_now = int(self.wall_clock())
+        for occurred in f.applied_times:
+            newest[f.shard] = max(newest.get(f.shard, 0), occurred)
+            self.metrics.event_time_lag.observe(max(0, wall_now - occurred))
+        for message, rejection in f.rejected:
+            self._dead_letter(outcome, message, rejection, wall_now)
+
+    # -- timers ------------------------------------------------------------------------------
+
+    async def timer_clock(self, shard: int) -> int:
+        """The time up to which a shard's timers fire: wall time, or in `event` mode the
+        shard's event clock less the allowed lateness."""
+        if self.clock_mode == "wall":
+            return int(self.wall_clock())
+        clock = await self.retry("clock", partial(self.store.clock, shard))
+        return (clock or 0) - self.timer_lateness_s
+
+    async def process_due(self, shard: int, limit: int = 500) -> BatchOutcome:
+        """Fire the due timers of one shard (an input partition this worker owns)."""
+        outcome = BatchOutcome()
+        until = await self.timer_clock(shard)
+        if until <= 0:
+            return outcome
+        due = await self.retry("due", partial(self.store.due, shard, until, limit))
+        if not due:
+            return outcome
+        outcome.more_due = len(due) == limit
+        learned = await self.learned_intervals()
+        vanished: list[str] = []
+
+        def fold(stored: Stored) -> _Fold:
+            f = _Fold(stored, shard, state=stored.state)
+            if stored.state is None:
+                vanished.append(stored.customer_id)
+                return f
+            moved = advance(stored.state, self.policy, until, learned)
+            f.state, f.effects, f.fired = moved.state, list(moved.effects), list(moved.fired)
+            f.fired_at = until
+            self._prepare_write(f, list(moved.notifications), changed=moved.changed)
+            return f
+
+        await self._run(outcome, due, fold)
+        for customer_id, entry in list(outcome.timers.items()):
+            if entry.due is None:
+                vanished.append(customer_id)
+                del outcome.timers[customer_id]
+        if vanished:
+            await self.retry("unindex", partial(self.store.unindex, shard, vanished))
+        return outcome
+
+    # -- outputs -----------------------------------------------------------------------------
 
     def _dead_letter(
         self, outcome: BatchOutcome, message: RawMessage, rejection: Rejection, wall_now: int
@@ -241,4 +404,7 @@ class Engine:
             direction = _TIER_DIRECTION.get(notification.type)
             if direction is not None:
                 self.metrics.tier_transitions.labels(direction).inc()
-        await self.retry("clear_outbox", partial(self.store.clear_outbox, outcome.outbox_versions))
+        await self.retry(
+            "confirm",
+            partial(self.store.confirm, outcome.outbox_versions, outcome.timers, outcome.gaps),
+        )

@@ -79,6 +79,19 @@ class Metrics:
             "Wall time at which the last batch of events was applied.",
             registry=r,
         )
+        self.triggers = Counter(
+            "memberflow_triggers_total",
+            "Time-driven triggers by outcome (scheduled, rescheduled, fired, deferred_cap, "
+            "deferred_quiet_hours, cancelled).",
+            ["trigger", "outcome"],
+            registry=r,
+        )
+        self.timer_lateness = Histogram(
+            "memberflow_timer_lateness_seconds",
+            "How long after its due time a timer fired (clock of its partition in event mode).",
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 86400),
+            registry=r,
+        )
         self.event_clock = Gauge(
             "memberflow_event_clock_seconds",
             "The engine clock (event time in event mode).",

@@ -50,4 +50,14 @@ class Settings(BaseSettings):
     redis_retry_max_backoff_s: float = Field(
         5.0, gt=0, description="Cap of the backoff while Redis is unreachable (retries forever)."
     )
+    timer_poll_s: float = Field(1.0, gt=0, description="How often a worker looks for due timers.")
+    timer_lateness_s: int = Field(
+        3600,
+        ge=0,
+        description="event mode: timers fire once a partition's event time is this far past "
+        "them, so late (out-of-order) purchases can still cancel them.",
+    )
+    learn_refresh_s: float = Field(
+        60.0, gt=0, description="How often learned repurchase intervals are re-read."
+    )
     log_level: str = Field("info", description="Worker log level.")

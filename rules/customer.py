@@ -12,6 +12,7 @@ import json
 from base64 import urlsafe_b64encode
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from rules.money import format_minor, minor, to_minor
@@ -29,6 +30,18 @@ from streams.events import (
 
 DAY = 86_400
 STATE_FORMAT = 1
+
+
+class Stage(StrEnum):
+    """Lifecycle stages (domain.md section 5)."""
+
+    POTENTIAL = "potential"
+    NEW = "new"
+    ACTIVE = "active"
+    AT_RISK = "at_risk"
+    CHURNED = "churned"
+    REACTIVATED = "reactivated"
+
 
 # Entry kinds in `CustomerState.seen`.
 _PURCHASE = 0
@@ -68,6 +81,14 @@ class CustomerState:
     seen: dict[str, list[int]] = field(default_factory=dict)
     tier: str = ""
     tier_since: int | None = None
+    stage: str = "potential"  # lifecycle stage (rules.customer.Stage)
+    stage_since: int | None = None
+    # category -> purchase time whose repurchase reminder is settled (sent or cancelled)
+    reminded: dict[str, int] = field(default_factory=dict)
+    # timer key -> [the purchase time it belongs to, deferred due time] (cap, quiet hours)
+    deferred: dict[str, list[int]] = field(default_factory=dict)
+    marketing_sent: list[int] = field(default_factory=list)  # last few marketing sends
+    win_back_for: int | None = None  # last_purchase_at whose win-back is settled
 
     def copy(self) -> CustomerState:
         return CustomerState(
@@ -82,6 +103,12 @@ class CustomerState:
             seen={key: list(v) for key, v in self.seen.items()},
             tier=self.tier,
             tier_since=self.tier_since,
+            stage=self.stage,
+            stage_since=self.stage_since,
+            reminded=dict(self.reminded),
+            deferred={key: list(v) for key, v in self.deferred.items()},
+            marketing_sent=list(self.marketing_sent),
+            win_back_for=self.win_back_for,
         )
 
     def window(self, now: int, window_days: int) -> tuple[int, int]:
@@ -111,6 +138,12 @@ class CustomerState:
             "s": self.seen,
             "t": self.tier,
             "ts": self.tier_since,
+            "st": self.stage,
+            "ss": self.stage_since,
+            "r": self.reminded,
+            "d": self.deferred,
+            "m": self.marketing_sent,
+            "w": self.win_back_for,
         }
         return json.dumps(doc, separators=(",", ":"), sort_keys=True)
 
@@ -131,6 +164,12 @@ class CustomerState:
             seen=doc["s"],
             tier=doc["t"],
             tier_since=doc["ts"],
+            stage=doc.get("st", Stage.NEW if doc["lo"] else Stage.POTENTIAL),
+            stage_since=doc.get("ss"),
+            reminded=doc.get("r", {}),
+            deferred=doc.get("d", {}),
+            marketing_sent=doc.get("m", []),
+            win_back_for=doc.get("w"),
         )
 
 
@@ -142,6 +181,10 @@ class Decision:
     notifications: tuple[Notification, ...] = ()
     rejection: Rejection | None = None
     duplicate: bool = False
+    # (trigger, outcome) pairs for metrics, e.g. ("repurchase_reminder", "rescheduled")
+    effects: tuple[tuple[str, str], ...] = ()
+    # (category, days) repurchase gaps this purchase revealed, for learned intervals
+    gaps: tuple[tuple[str, int], ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -215,6 +258,7 @@ def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: i
         return _apply_refund(current, event, key, day, amount, policy, now)
 
     new = current.copy()
+    previous_last = new.last_purchase_at
     new.seen[key] = [_PURCHASE, day, amount, 0]
     new.first_purchase_at = (
         occurred if new.first_purchase_at is None else min(new.first_purchase_at, occurred)
@@ -235,8 +279,130 @@ def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: i
         else:
             entry[0] = max(entry[0], occurred)
             entry[1] += 1
-    _expire(new, policy, now)
-    return Decision(new, notifications=_tier_changes(current, new, policy, now, event))
+    expire(new, policy, now)
+    effects = _settle_superseded(current, new, event.categories(), policy)
+    notifications = _tier_changes(current, new, policy, now, event)
+    stage_change = _stage_after_purchase(new, previous_last, occurred, now, policy, event)
+    gaps = tuple(
+        (category, round((occurred - old[0]) / DAY))
+        for category in event.categories()
+        if (old := current.categories.get(category)) is not None and occurred - old[0] >= DAY
+    )
+    return Decision(new, notifications=notifications + stage_change, effects=effects, gaps=gaps)
+
+
+def _settle_superseded(
+    before: CustomerState, after: CustomerState, categories: tuple[str, ...], policy: Policy
+) -> tuple[tuple[str, str], ...]:
+    """A newer purchase in a category moves its reminder to the new cycle: a scheduled one is
+    rescheduled, a deferred one (waiting for the cap or quiet hours) is cancelled."""
+    effects: list[tuple[str, str]] = []
+    for category in categories:
+        if category not in policy.repurchase.categories:
+            continue
+        old = before.categories.get(category)
+        if old is None or after.categories[category][0] != old[0]:
+            effects.append(("repurchase_reminder", "scheduled"))
+        if old is None or after.categories[category][0] == old[0]:
+            continue  # first purchase in the category, or an older one arriving late
+        deferred = after.deferred.pop(f"reminder:{category}", None)
+        if deferred is not None:
+            effects.append(("repurchase_reminder", "cancelled"))
+        elif before.reminded.get(category) != old[0]:
+            effects.append(("repurchase_reminder", "rescheduled"))
+    if after.last_purchase_at != before.last_purchase_at:
+        after.deferred.pop("win_back", None)
+    return tuple(effects)
+
+
+def _stage_after_purchase(
+    state: CustomerState,
+    previous_last: int | None,
+    occurred: int,
+    now: int,
+    policy: Policy,
+    event: Purchase,
+) -> tuple[Notification, ...]:
+    """Event-driven lifecycle steps: first purchase -> new, repeat -> active, a purchase after
+    being at risk -> active, after churn -> reactivated. A late purchase older than the latest
+    one changes counts, not the stage: in event time the customer was still lapsed."""
+    before = Stage(state.stage)
+    newer = previous_last is None or occurred > previous_last
+    after = before
+    if before is Stage.POTENTIAL:
+        after = Stage.NEW
+    elif (before is Stage.NEW and state.lifetime_orders >= 2) or (
+        before is Stage.AT_RISK and newer
+    ):
+        after = Stage.ACTIVE
+    elif before is Stage.CHURNED and newer:
+        after = Stage.REACTIVATED
+    elif before is Stage.REACTIVATED and newer:
+        after = Stage.ACTIVE
+    if after is before:
+        return ()
+    reasons = {
+        Stage.NEW: "first purchase",
+        Stage.ACTIVE: "repeat purchase"
+        if before is not Stage.AT_RISK
+        else "purchased again while at risk",
+        Stage.REACTIVATED: "purchased again after churning",
+    }
+    return (
+        stage_change(
+            state,
+            after,
+            now,  # like tier_since: the evaluation time, so any order gives the same state
+            policy,
+            Cause(kind="event", id=event.event_id),
+            reason=reasons[after],
+            inputs={
+                "lifetime_orders": state.lifetime_orders,
+                "purchase_at": iso(occurred),
+                "previous_purchase_at": iso(previous_last),
+            },
+        ),
+    )
+
+
+def stage_change(
+    state: CustomerState,
+    to: Stage,
+    at: int,
+    policy: Policy,
+    cause: Cause,
+    reason: str,
+    inputs: dict[str, Any],
+) -> Notification:
+    """Move the customer to `to` and describe it; the id is fixed by the stage and the
+    purchase it follows from, so a replay re-derives the same notification."""
+    previous = state.stage
+    state.stage = to.value
+    state.stage_since = at
+    rule = f"lifecycle.{to.value}"
+    return Notification(
+        notification_id=notification_id(
+            state.customer_id, NotificationType.LIFECYCLE_CHANGED, rule, cause.id
+        ),
+        type=NotificationType.LIFECYCLE_CHANGED,
+        customer_id=state.customer_id,
+        occurred_at=datetime.fromtimestamp(at, UTC),
+        cause=cause,
+        policy_version=policy.version,
+        summary=f"Lifecycle {previous} -> {to.value}: {reason}.",
+        explanation={
+            "rule": rule,
+            "previous_stage": previous,
+            "new_stage": to.value,
+            "reason": reason,
+            "inputs": inputs,
+            "thresholds": {
+                "at_risk_after_days": policy.lifecycle.at_risk_after_days,
+                "churned_after_days": policy.lifecycle.churned_after_days,
+            },
+            "policy_version": policy.version,
+        },
+    )
 
 
 def _apply_refund(
@@ -284,12 +450,12 @@ def _apply_refund(
     if bucket is not None:
         bucket[1] -= amount
         bucket[0] -= 1 if whole else 0
-    _expire(new, policy, now)
+    expire(new, policy, now)
     # No downgrade here: tiers only go down through the downgrade policy (grace period).
     return Decision(new)
 
 
-def _expire(state: CustomerState, policy: Policy, now: int) -> None:
+def expire(state: CustomerState, policy: Policy, now: int) -> None:
     """Drop buckets that left the window and dedup entries older than any acceptable event."""
     today = now // DAY
     first_window_day = today - policy.window_days + 1
@@ -381,6 +547,8 @@ def summarize(state: CustomerState, policy: Policy, as_of: int) -> dict[str, Any
         "currency": policy.base_currency,
         "tier": state.tier,
         "tier_since": iso(state.tier_since),
+        "lifecycle": state.stage,
+        "lifecycle_since": iso(state.stage_since),
         "categories": {
             name: {"last_purchase_at": iso(last), "count": count}
             for name, (last, count) in sorted(state.categories.items())

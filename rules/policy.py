@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,6 +29,82 @@ class InputBounds(_Strict):
     max_future_skew_minutes: int = Field(10, ge=0)
 
 
+class Lifecycle(_Strict):
+    """Days without a purchase after which a customer is at risk, then churned."""
+
+    at_risk_after_days: int = Field(60, ge=1)
+    churned_after_days: int = Field(180, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Lifecycle:
+        if self.churned_after_days <= self.at_risk_after_days:
+            raise ValueError("churned_after_days must be greater than at_risk_after_days")
+        return self
+
+
+class Promotion(_Strict):
+    """What a marketing message offers, e.g. 20 % off every category but the one reminded."""
+
+    description: str = Field(min_length=1, max_length=200)
+    discount_percent: Annotated[Decimal, Field(gt=0, le=100)]
+    applies_to: Literal["all", "other_categories", "same_category"] = "all"
+    valid_days: int = Field(7, ge=1, le=365)
+
+
+class RepurchaseRule(_Strict):
+    """A category's repurchase cycle: remind `lead_days` before the expected repurchase."""
+
+    interval_days: int = Field(ge=1, le=3650)
+    lead_days: int = Field(7, ge=0)
+    learn: bool = False  # use the learned median gap once there are min_samples gaps
+    promotion: Promotion
+
+    @model_validator(mode="after")
+    def _lead(self) -> RepurchaseRule:
+        if self.lead_days >= self.interval_days:
+            raise ValueError("lead_days must be smaller than interval_days")
+        return self
+
+
+class Repurchase(_Strict):
+    min_samples: int = Field(30, ge=1)  # gaps needed before a learned interval is trusted
+    categories: dict[str, RepurchaseRule] = Field(default_factory=dict)
+
+
+class WinBack(_Strict):
+    after_days: int = Field(ge=1)
+    promotion: Promotion
+
+
+class QuietHours(_Strict):
+    start_hour: int = Field(ge=0, le=23)
+    end_hour: int = Field(ge=0, le=23)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietHours:
+        if self.start_hour == self.end_hour:
+            raise ValueError("quiet hours need start_hour != end_hour")
+        return self
+
+
+class Marketing(_Strict):
+    """Gates on marketing messages (reminders, win-back offers). A gated message is deferred
+    to the next allowed time, never dropped."""
+
+    timezone: str = "UTC"
+    max_messages: int = Field(2, ge=1)  # frequency cap: at most this many ...
+    per_days: int = Field(7, ge=1)  # ... in any window of this many days
+    quiet_hours: QuietHours | None = None
+
+    @model_validator(mode="after")
+    def _zone(self) -> Marketing:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {self.timezone!r}") from exc
+        return self
+
+
 class Policy(_Strict):
     version: str = Field(min_length=1, max_length=64)
     base_currency: str = Field(pattern=r"^[A-Z]{3}$")
@@ -35,6 +112,10 @@ class Policy(_Strict):
     window_days: int = Field(365, ge=1, le=3650)
     input: InputBounds = Field(default_factory=lambda: InputBounds.model_validate({}))
     tiers: tuple[TierRule, ...] = Field(min_length=1)
+    lifecycle: Lifecycle = Field(default_factory=lambda: Lifecycle.model_validate({}))
+    repurchase: Repurchase = Field(default_factory=lambda: Repurchase.model_validate({}))
+    win_back: WinBack | None = None
+    marketing: Marketing = Field(default_factory=lambda: Marketing.model_validate({}))
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:

@@ -24,3 +24,20 @@ def event_clock() -> str:
     """The engine's event clock (max event time applied), used in `event` clock mode.
     One small key written once per batch, not per event."""
     return f"{PREFIX}:{{clock}}:event"
+
+
+def timer_index(shard: int) -> str:
+    """Sorted set customer_id -> next timer due time, one per input partition (the worker
+    owning the partition fires its timers). An index only: timers themselves are derived from
+    the customer state, so a stale entry costs a wasted wake-up, never a wrong action."""
+    return f"{PREFIX}:{{t:{shard}}}:due"
+
+
+def shard_clock(shard: int) -> str:
+    """Event clock of one input partition (`event` mode): its timers fire as it passes them."""
+    return f"{PREFIX}:{{t:{shard}}}:clock"
+
+
+def gap_histogram(category: str) -> str:
+    """Hash gap_days -> count of observed repurchase gaps in a category (learned intervals)."""
+    return f"{PREFIX}:{{g:{category}}}:gaps"

@@ -17,7 +17,7 @@ from redis.exceptions import NoScriptError
 
 from rules.customer import CustomerState
 from state import keys
-from state.store import Stored, Write
+from state.store import Stored, TimerEntry, Write
 from streams.events import Notification
 
 # KEYS[1] customer hash; ARGV[1] expected version; ARGV[2] state JSON; ARGV[3] outbox JSON or ''.
@@ -74,6 +74,16 @@ def _outbox_from(raw: bytes | None) -> tuple[Notification, ...]:
     return tuple(Notification.model_validate(doc) for doc in json.loads(raw))
 
 
+def _expand(writes: Sequence[Write]) -> list[Write | None]:
+    """Align pipeline replies with writes: a None stands for a write's ZADD reply."""
+    out: list[Write | None] = []
+    for w in writes:
+        if w.timer is not None and w.timer.due is not None:
+            out.append(None)
+        out.append(w)
+    return out
+
+
 def _stored(customer_id: str, fields: Sequence[bytes | None]) -> Stored:
     version, state, outbox = fields
     return Stored(
@@ -124,33 +134,88 @@ class RedisStore:
     async def save(self, writes: Sequence[Write]) -> dict[str, int | None]:
         if not writes:
             return {}
-        calls = [
-            (
-                keys.customer(w.customer_id),
-                (w.expected_version, w.state.to_json(), _outbox_json(w.outbox)),
-            )
-            for w in writes
-        ]
-        results = await self._run_scripts(SAVE_LUA, calls)
-        return {
-            w.customer_id: (int(r) if int(r) >= 0 else None)
-            for w, r in zip(writes, results, strict=True)
-        }
+        save_sha = await self._script_sha(SAVE_LUA)
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for w in writes:
+                if w.timer is not None and w.timer.due is not None:
+                    # LT: only ever earlier here; confirm() sets the exact time afterwards.
+                    pipe.zadd(
+                        keys.timer_index(w.timer.shard), {w.customer_id: w.timer.due}, lt=True
+                    )
+                pipe.evalsha(
+                    save_sha,
+                    1,
+                    keys.customer(w.customer_id),
+                    w.expected_version,
+                    w.state.to_json(),
+                    _outbox_json(w.outbox),
+                )
+            try:
+                results = await pipe.execute()
+                break
+            except NoScriptError:
+                self._shas.pop(SAVE_LUA, None)
+                save_sha = await self._script_sha(SAVE_LUA)
+                if attempt == 2:
+                    raise
+        versions = iter(r for w, r in zip(_expand(writes), results, strict=True) if w is not None)
+        return {w.customer_id: (v if (v := int(next(versions))) >= 0 else None) for w in writes}
 
-    async def clear_outbox(self, versions: dict[str, int]) -> None:
+    async def confirm(
+        self,
+        versions: dict[str, int],
+        timers: dict[str, TimerEntry],
+        gaps: Sequence[tuple[str, int]] = (),
+    ) -> None:
         if versions:
             await self._run_scripts(
                 CLEAR_OUTBOX_LUA,
                 [(keys.customer(cid), (version,)) for cid, version in versions.items()],
             )
+        if not (timers or gaps):
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for customer_id, entry in timers.items():
+            if entry.due is not None:
+                pipe.zadd(keys.timer_index(entry.shard), {customer_id: entry.due})
+        for category, days in gaps:
+            pipe.hincrby(keys.gap_histogram(category), str(days), 1)
+        await pipe.execute()
 
-    async def advance_clock(self, seconds: int) -> int:
-        (result,) = await self._run_scripts(ADVANCE_CLOCK_LUA, [(keys.event_clock(), (seconds,))])
+    async def advance_clock(self, seconds: int, shard: int | None = None) -> int:
+        key = keys.event_clock() if shard is None else keys.shard_clock(shard)
+        (result,) = await self._run_scripts(ADVANCE_CLOCK_LUA, [(key, (seconds,))])
         return int(result)
 
-    async def clock(self) -> int | None:
-        raw = await self.client.get(keys.event_clock())
+    async def clock(self, shard: int | None = None) -> int | None:
+        key = keys.event_clock() if shard is None else keys.shard_clock(shard)
+        raw = await self.client.get(key)
         return int(raw) if raw is not None else None
+
+    async def due(self, shard: int, until: int, limit: int) -> list[str]:
+        members = await self.client.zrangebyscore(
+            keys.timer_index(shard), "-inf", until, start=0, num=limit
+        )
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+    async def unindex(self, shard: int, customer_ids: Sequence[str]) -> None:
+        if customer_ids:
+            await self.client.zrem(keys.timer_index(shard), *customer_ids)
+
+    async def next_due_in(self, shard: int) -> int | None:
+        first = await self.client.zrange(keys.timer_index(shard), 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
+
+    async def gap_histograms(self, categories: Sequence[str]) -> dict[str, dict[int, int]]:
+        pipe = self.client.pipeline(transaction=False)
+        for category in categories:
+            pipe.hgetall(keys.gap_histogram(category))
+        rows = await pipe.execute()
+        return {
+            category: {int(days): int(count) for days, count in row.items()}
+            for category, row in zip(categories, rows, strict=True)
+        }
 
     async def scan(self) -> AsyncIterator[Stored]:
         batch: list[str] = []

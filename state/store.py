@@ -21,13 +21,25 @@ class Stored:
 
 
 @dataclass(frozen=True, slots=True)
+class TimerEntry:
+    """Where a customer's next timer is indexed: its shard (input partition) and due time."""
+
+    shard: int
+    due: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Write:
-    """Replace a customer's state and outbox if its version is still `expected_version`."""
+    """Replace a customer's state and outbox if its version is still `expected_version`.
+
+    `timer` is indexed *before* the state is written (only ever moving an entry earlier), so a
+    crash between the two leaves at worst an early wake-up, never a timer nobody will fire."""
 
     customer_id: str
     expected_version: int
     state: CustomerState
     outbox: tuple[Notification, ...] = field(default=())
+    timer: TimerEntry | None = None
 
 
 class Store(Protocol):
@@ -37,16 +49,33 @@ class Store(Protocol):
         """Apply each write atomically; returns the new version, or None on a version conflict."""
         ...
 
-    async def clear_outbox(self, versions: dict[str, int]) -> None:
-        """Drop the outbox of each customer still at the given version (its notifications
-        have been produced)."""
+    async def confirm(
+        self,
+        versions: dict[str, int],
+        timers: dict[str, TimerEntry],
+        gaps: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        """After the outputs were produced: drop the outbox of each customer still at the given
+        version, set each customer's exact next due time in the index, record gap samples."""
         ...
 
-    async def advance_clock(self, seconds: int) -> int:
-        """Raise the event clock to at least `seconds`; returns the clock."""
+    async def advance_clock(self, seconds: int, shard: int | None = None) -> int:
+        """Raise the event clock (global, or one shard's) to at least `seconds`; returns it."""
         ...
 
-    async def clock(self) -> int | None: ...
+    async def clock(self, shard: int | None = None) -> int | None: ...
+
+    async def due(self, shard: int, until: int, limit: int) -> list[str]:
+        """Customers of `shard` whose next timer is due at or before `until`, earliest first."""
+        ...
+
+    async def unindex(self, shard: int, customer_ids: Sequence[str]) -> None: ...
+
+    async def next_due_in(self, shard: int) -> int | None:
+        """The earliest indexed due time in a shard (for status and tests)."""
+        ...
+
+    async def gap_histograms(self, categories: Sequence[str]) -> dict[str, dict[int, int]]: ...
 
     def scan(self) -> AsyncIterator[Stored]: ...
 

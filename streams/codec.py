@@ -8,11 +8,23 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from streams.events import InputEvent, Notification, Purchase, Refund, Rejection, RejectReason
+from streams.events import (
+    InputEvent,
+    Notification,
+    Purchase,
+    Refund,
+    Rejection,
+    RejectReason,
+    Tick,
+)
 
 MAX_MESSAGE_BYTES = 64 * 1024  # a purchase with hundreds of items fits; anything bigger is abuse
 
-_EVENT_TYPES: dict[str, type[Purchase] | type[Refund]] = {"purchase": Purchase, "refund": Refund}
+_EVENT_TYPES: dict[str, type[Purchase] | type[Refund] | type[Tick]] = {
+    "purchase": Purchase,
+    "refund": Refund,
+    "tick": Tick,
+}
 _ADAPTERS = {name: TypeAdapter(model) for name, model in _EVENT_TYPES.items()}
 _AMOUNT_ERRORS = {"greater_than_equal", "less_than_equal", "finite_number", "decimal_parsing"}
 
@@ -23,7 +35,7 @@ def _non_finite(name: str) -> Any:
     return Decimal(name)
 
 
-def decode_event(raw: bytes | None) -> InputEvent | Rejection:
+def decode_event(raw: bytes | None) -> InputEvent | Tick | Rejection:
     """Parse one input message. Never raises: every failure is a Rejection with a reason."""
     if not raw:
         return Rejection(reason=RejectReason.EMPTY, detail="empty message")

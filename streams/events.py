@@ -63,6 +63,16 @@ class Refund(_Frozen):
     currency: CurrencyCode
 
 
+class Tick(_Frozen):
+    """A watermark: no customer, only "event time has reached `occurred_at` on this partition".
+    Published by `memberflow tick` to every partition so that, in `event` clock mode, timers
+    fire at the end of a replay even though no later purchases arrive."""
+
+    type: Literal["tick"] = "tick"
+    schema_version: Literal[1] = 1
+    occurred_at: AwareDatetime
+
+
 InputEvent = Purchase | Refund
 
 

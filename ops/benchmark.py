@@ -1,0 +1,1602 @@
+#!/usr/bin/env python
+"""memberflow throughput, latency and memory benchmark (issue 7), on real local services.
+
+One run starts a Kafka-protocol broker (Tansu) and a redis-server (or a 3-node Redis Cluster)
+with memberflow/services.py, pre-loads N purchases for M customers into a purchases topic, and
+then reads that SAME topic from the beginning, each time with a fresh consumer group and the
+same consumer settings (session 6 s, rebalance 6 s, heartbeat 1 s, the same take batch size and
+wait, the same faust.App arguments as memberflow/app.py):
+
+  (a)  a Faust agent that only consumes, with memberflow's ``noack_take`` batching and acks
+       (the framework ceiling; ops/bench_consume_only.py, BENCH_MODE=take);
+  (a') the same with Faust's default ``async for value in stream`` (BENCH_MODE=default);
+  (b)  the naive design: one event at a time, 4 awaited Redis round trips per event
+       (ops/bench_naive.py);
+  (c)  memberflow itself: real ``memberflow worker`` processes (WorkerProcess), event clock,
+       Redis flushed first.
+
+Throughput is measured after the first completed unit of work, so group join time is excluded:
+rate = (events done at the end - events done at the first observation) / (time between them).
+The baselines timestamp their own progress (status files, in-process clocks); memberflow is
+observed from outside through its /metrics ``memberflow_events_total`` (polled every 0.2 s, and
+every 0.02 s near the end), which is what an operator sees.
+
+Latency: with the memberflow worker(s) still running, fresh events are offered at a fixed rate
+(default: half the measured memberflow throughput) for ``--latency-seconds``. Among them are
+probe purchases whose event ids embed their send time (``lat-<run>-p<i>-<ns>``). Each probe
+customer got one small priming purchase before the timed phase, so the probe (400 EUR) makes it
+cross silver. Two latencies are measured per probe, both from the embedded send time:
+
+  applied   - until its event key appears in the customer's state in Redis (the harness polls
+              the pending probes' state every 2 ms with one pipelined round trip);
+  notified  - until the tier_upgraded notification it caused is read from the notifications
+              topic (a consumer with fetch_max_wait 5 ms, so the measuring consumer itself adds
+              little: Tansu answers a fetch only when its max wait expires if no data is there).
+
+``applied`` is the produce -> state-applied latency of the issue; ``notified`` adds the
+notification's produce and fetch and is what a downstream consumer experiences.
+
+Memory: Redis ``used_memory`` after the run minus after FLUSHALL, divided by the customer hashes
+stored; plus MEMORY USAGE of sampled keys and the share of the state taken by the dedup memory.
+Worker RSS from /proc/PID/status (VmRSS and the peak VmHWM). CPU shares of the consumer
+process(es), the broker and Redis during each run come from /proc/PID/stat.
+
+Scaling (``--customers-sweep 10000,100000,1000000``) reruns (c) with the same N at each size.
+Unless ``--no-sweep-prefill``, Redis is first filled with every one of the M customers (one
+earlier purchase each, written in the store's own format), so the 1M run really runs against a
+keyspace of 1M customers instead of the ~N customers that N events can create.
+
+``--profile`` adds one more memberflow run under ``py-spy record`` (not the measured run) and
+reports the top frames. Results are printed as tables and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OPS = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere, with the project importable
+    sys.path.insert(0, str(ROOT))
+
+from memberflow.replay import row_to_json  # noqa: E402
+from memberflow.services import (  # noqa: E402
+    LocalBroker,
+    LocalRedis,
+    LocalRedisCluster,
+    WorkerProcess,
+    free_port,
+)
+from memberflow.settings import Settings  # noqa: E402
+from memberflow.synthetic import CATEGORIES, customer_id  # noqa: E402
+from rules.customer import DAY, CustomerState, event_key  # noqa: E402
+from state import keys  # noqa: E402
+
+DEFAULT_EVENTS = 200_000
+DEFAULT_CUSTOMERS = 10_000
+QUICK_EVENTS = 30_000
+QUICK_CUSTOMERS = 3_000
+QUICK_SWEEP_MAX = 100_000
+
+TARGET_VS_CONSUME = 0.90  # memberflow >= 90% of the consume-only ceiling (a)
+TARGET_VS_NAIVE = 6.0  # memberflow >= 6x the naive design (b)
+TARGET_P99_MS = 100.0  # produce -> applied p99 at half load
+TARGET_BYTES_PER_CUSTOMER = 1024
+TARGET_SWEEP_DROP = 0.15  # 1M-customer throughput within 15% of the 10k one
+
+PROBE_PRIME_AMOUNT = "10.00"
+PROBE_AMOUNT = "400.00"  # prime + probe: 2 orders and 410 EUR, over silver (2 orders, 300 EUR)
+SUFFIXES = {"k": 1_000, "m": 1_000_000}
+
+_STARTED = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[{time.monotonic() - _STARTED:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# -- pure helpers (unit-tested in tests/unit/test_benchmark_smoke.py) -------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation between closest ranks (numpy's
+    default), so p50 of [1, 2, 3, 4] is 2.5. Raises ValueError on an empty sequence."""
+    if not values:
+        raise ValueError("percentile of an empty sequence")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be within 0..100, got {q}")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def latency_summary(values_ms: Sequence[float]) -> dict[str, float | int | None]:
+    """count, mean, p50, p95, p99 and max of latencies in milliseconds (None when empty)."""
+    if not values_ms:
+        return {"count": 0, "mean": None, "p50": None, "p95": None, "p99": None, "max": None}
+    return {
+        "count": len(values_ms),
+        "mean": round(statistics.fmean(values_ms), 2),
+        "p50": round(percentile(values_ms, 50), 2),
+        "p95": round(percentile(values_ms, 95), 2),
+        "p99": round(percentile(values_ms, 99), 2),
+        "max": round(max(values_ms), 2),
+    }
+
+
+def throughput(first_count: int, first_t: float, count: int, last_t: float) -> float | None:
+    """Events per second between two observations of a cumulative counter (None when the
+    interval is empty, e.g. everything arrived in one batch)."""
+    if last_t <= first_t or count <= first_count:
+        return None
+    return (count - first_count) / (last_t - first_t)
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'10000,100k,1M' -> [10000, 100000, 1000000]."""
+    sizes = []
+    for part in text.split(","):
+        part = part.strip().lower().replace("_", "")
+        if not part:
+            continue
+        factor = SUFFIXES.get(part[-1], 1)
+        number = part[:-1] if part[-1] in SUFFIXES else part
+        try:
+            value = int(float(number) * factor)
+        except ValueError as exc:
+            raise ValueError(f"not a size: {part!r}") from exc
+        if value < 1:
+            raise ValueError(f"sizes must be >= 1, got {part!r}")
+        sizes.append(value)
+    if not sizes:
+        raise ValueError("no sizes given")
+    return sizes
+
+
+def parse_probe_id(event_id: str) -> float | None:
+    """The send time (epoch seconds) embedded in a probe event id, else None."""
+    head, _, ns = event_id.rpartition("-")
+    if "-p" not in head or not ns.isdigit():
+        return None
+    return int(ns) / 1e9
+
+
+def frame_area(frame: str) -> str:
+    """Which part of the stack a py-spy frame ('func (path/file.py)') belongs to."""
+    path = frame.rpartition("(")[2]
+    areas = (
+        ("/rules/", "rules (pure fold)"),
+        ("/state/", "state (redis store)"),
+        ("/streams/", "streams (codec, models)"),
+        ("/agents/", "agents"),
+        ("/memberflow/", "memberflow (engine, app)"),
+        ("pydantic", "pydantic"),
+        ("/faust/", "faust"),
+        ("/mode/", "mode (faust runtime)"),
+        ("/aiokafka/", "aiokafka"),
+        ("/kafka/", "kafka-python"),
+        ("/redis/", "redis-py"),
+        ("/prometheus_client/", "prometheus_client"),
+        ("/json/", "json"),
+        ("/asyncio/", "asyncio"),
+    )
+    for needle, area in areas:
+        if needle in path:
+            return area
+    return "other"
+
+
+def top_frames(lines: Iterable[str], limit: int = 15) -> dict[str, Any]:
+    """Summarise py-spy raw (collapsed) output: 'frame;frame;...;leaf COUNT' per line.
+
+    Returns the sample total, the leaf frames with the most samples (self time), the frames
+    present in the most stacks (inclusive time, counted once per stack) and self time by area.
+    Shares are fractions of all samples."""
+    self_time: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
+    total = 0
+    for line in lines:
+        line = line.rstrip("\n")
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if "(" in f and f.endswith(")")]
+        if not frames:
+            continue
+        total += count
+        self_time[frames[-1]] += count
+        areas[frame_area(frames[-1])] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+
+    def shares(counter: Counter[str], n: int) -> list[dict[str, Any]]:
+        return [
+            {"frame": frame, "samples": samples, "share": round(samples / total, 4)}
+            for frame, samples in counter.most_common(n)
+        ]
+
+    if total == 0:
+        return {"samples": 0, "self": [], "inclusive": [], "areas": []}
+    return {
+        "samples": total,
+        "self": shares(self_time, limit),
+        "inclusive": shares(inclusive, limit),
+        "areas": shares(areas, len(areas)),
+    }
+
+
+def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each issue-7 target with the measured value and pass/fail (None: not measured)."""
+    runs = results.get("throughput", {})
+
+    def rate(name: str) -> float | None:
+        run = runs.get(name)
+        return run.get("events_per_s") if run else None
+
+    checks: list[dict[str, Any]] = []
+    a, b, c = rate("a_take"), rate("b_naive"), rate("c_memberflow")
+    ratio_a = c / a if a and c else None
+    ratio_b = c / b if b and c else None
+    checks.append(
+        {
+            "target": f"memberflow >= {TARGET_VS_CONSUME:.0%} of consume-only (a)",
+            "value": None if ratio_a is None else f"{ratio_a:.1%}",
+            "pass": None if ratio_a is None else ratio_a >= TARGET_VS_CONSUME,
+        }
+    )
+    checks.append(
+        {
+            "target": f"memberflow >= {TARGET_VS_NAIVE:g}x naive (b)",
+            "value": None if ratio_b is None else f"{ratio_b:.1f}x",
+            "pass": None if ratio_b is None else ratio_b >= TARGET_VS_NAIVE,
+        }
+    )
+    p99 = (results.get("latency") or {}).get("applied", {}).get("p99")
+    checks.append(
+        {
+            "target": f"p99 produce->applied < {TARGET_P99_MS:g} ms at half load",
+            "value": None if p99 is None else f"{p99:.1f} ms",
+            "pass": None if p99 is None else p99 < TARGET_P99_MS,
+        }
+    )
+    per_customer = (results.get("memory") or {}).get("bytes_per_customer")
+    checks.append(
+        {
+            "target": f"Redis < {TARGET_BYTES_PER_CUSTOMER} B per customer",
+            "value": None if per_customer is None else f"{per_customer:.0f} B",
+            "pass": None if per_customer is None else per_customer < TARGET_BYTES_PER_CUSTOMER,
+        }
+    )
+    sweep = {row["customers"]: row for row in results.get("sweep", []) if row.get("events_per_s")}
+    small, big = sweep.get(10_000), sweep.get(1_000_000)
+    if small and big:
+        ratio = big["events_per_s"] / small["events_per_s"]
+        value: str | None = f"{ratio:.1%} of 10k"
+        passed: bool | None = ratio >= 1 - TARGET_SWEEP_DROP
+    else:
+        value, passed = None, None
+    checks.append(
+        {
+            "target": f"1M-customer throughput within {TARGET_SWEEP_DROP:.0%} of 10k",
+            "value": value,
+            "pass": passed,
+        }
+    )
+    return checks
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain left/right aligned text table (numbers right-aligned)."""
+    cells = [[str(h) for h in header]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    numeric = [
+        all(_is_number(r[i]) for r in rows if r[i] is not None and r[i] != "")
+        for i in range(len(header))
+    ]
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [
+            cell.rjust(widths[i]) if numeric[i] and n > 0 else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, int | float):
+        return True
+    text = str(value).replace(",", "").rstrip("x%")
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# -- /proc ------------------------------------------------------------------------------------
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """user + system CPU seconds of a process so far (None when it is gone)."""
+    if pid is None:
+        return None
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def memory_kib(pid: int | None) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
+    if pid is None:
+        return {}
+    values = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                values[name] = int(rest.split()[0])
+    except OSError:
+        return {}
+    return values
+
+
+class CpuMeter:
+    """CPU share (1.0 = one core) of named groups of processes between two samples."""
+
+    def __init__(self, groups: dict[str, list[int | None]]) -> None:
+        self.groups = groups
+        self.start_t: float | None = None
+        self.start: dict[str, float] = {}
+
+    def _sample(self) -> dict[str, float]:
+        return {
+            name: sum(cpu_seconds(pid) or 0.0 for pid in pids) for name, pids in self.groups.items()
+        }
+
+    def begin(self) -> None:
+        self.start_t, self.start = time.monotonic(), self._sample()
+
+    def end(self) -> dict[str, float]:
+        if self.start_t is None:
+            return {}
+        wall = time.monotonic() - self.start_t
+        now = self._sample()
+        if wall <= 0:
+            return {}
+        return {name: round((now[name] - self.start[name]) / wall, 3) for name in now}
+
+
+# -- services -----------------------------------------------------------------------------------
+
+
+class FaustProcess(WorkerProcess):
+    """A baseline Faust app (ops/bench_*.py) run like a worker: same env handling and readiness
+    check ("Worker]: Ready" in its log), different script."""
+
+    def __init__(self, script: Path, env: dict[str, str], workdir: Path, name: str) -> None:
+        super().__init__(env, workdir=workdir, name=name)
+        self.argv = [sys.executable, str(script)]
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    broker: LocalBroker
+    redis_server: LocalRedis | None
+    cluster: LocalRedisCluster | None
+    tmp: Path
+    run_id: str
+    notifications_topic: str = "bench.notifications"
+    dead_letter_topic: str = "bench.purchases.dlq"
+    _clients: list[Any] = field(default_factory=list)
+    _data_client: Any = None
+
+    @property
+    def redis_url(self) -> str:
+        if self.cluster is not None:
+            return self.cluster.url
+        assert self.redis_server is not None
+        return self.redis_server.url
+
+    def node_clients(self) -> list[Any]:
+        """One synchronous client per Redis node (INFO, FLUSHALL, SCAN, DBSIZE)."""
+        if not self._clients:
+            nodes = self.cluster.nodes if self.cluster is not None else [self.redis_server]
+            self._clients = [node.client(socket_timeout=120) for node in nodes if node]
+        return self._clients
+
+    def data_client(self) -> Any:
+        """A client for keyed commands (a RedisCluster client on a cluster)."""
+        if self._data_client is None:
+            if self.cluster is not None:
+                from redis.cluster import RedisCluster
+
+                self._data_client = RedisCluster.from_url(self.cluster.url, socket_timeout=120)
+            else:
+                self._data_client = self.node_clients()[0]
+        return self._data_client
+
+    def close_clients(self) -> None:
+        for client in [*self._clients, self._data_client]:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+        self._clients, self._data_client = [], None
+
+    def flushall(self) -> None:
+        for client in self.node_clients():
+            client.flushall()
+
+    def used_memory(self) -> int:
+        return sum(int(c.info("memory")["used_memory"]) for c in self.node_clients())
+
+    def customers_stored(self) -> int:
+        keys_total = sum(int(c.dbsize()) for c in self.node_clients())
+        return keys_total - int(self.data_client().exists(keys.event_clock()))
+
+    def redis_pids(self) -> list[int | None]:
+        if self.cluster is not None:
+            return [node.pid for node in self.cluster.nodes]
+        assert self.redis_server is not None
+        return [self.redis_server.pid]
+
+    def env(self, app_id: str, topic: str) -> dict[str, str]:
+        """The MEMBERFLOW_* settings every consumer of a run gets (baselines read them too)."""
+        args = self.args
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MEMBERFLOW_")}
+        base.update(
+            {
+                "MEMBERFLOW_APP_ID": app_id,
+                "MEMBERFLOW_BROKER_URL": self.broker.url,
+                "MEMBERFLOW_REDIS_URL": self.redis_url,
+                "MEMBERFLOW_REDIS_CLUSTER": "true" if self.cluster is not None else "false",
+                "MEMBERFLOW_WEB_PORT": str(free_port()),
+                "MEMBERFLOW_PURCHASES_TOPIC": topic,
+                "MEMBERFLOW_NOTIFICATIONS_TOPIC": self.notifications_topic,
+                "MEMBERFLOW_DEAD_LETTER_TOPIC": self.dead_letter_topic,
+                "MEMBERFLOW_PARTITIONS": str(args.partitions),
+                "MEMBERFLOW_CLOCK": "event",
+                "MEMBERFLOW_BATCH_MAX": str(args.batch_max),
+                "MEMBERFLOW_BATCH_WITHIN_S": str(args.batch_within),
+                "MEMBERFLOW_BROKER_SESSION_TIMEOUT_S": "6",
+                "MEMBERFLOW_BROKER_REBALANCE_TIMEOUT_S": "6",
+                "MEMBERFLOW_BROKER_HEARTBEAT_INTERVAL_S": "1",
+                "MEMBERFLOW_LOG_LEVEL": "info",  # the readiness check reads Faust's "Ready"
+                "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+                ),
+            }
+        )
+        return base
+
+    def run_timeout(self, events: int) -> float:
+        return self.args.run_timeout or 120.0 + events / 200.0
+
+
+def start_all(processes: Sequence[WorkerProcess]) -> None:
+    """Start processes concurrently (a second worker joining late would force a rebalance)."""
+    errors: list[BaseException] = []
+
+    def start(process: WorkerProcess) -> None:
+        try:
+            process.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(p,)) for p in processes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        for process in processes:
+            process.stop(timeout=10)
+        raise errors[0]
+
+
+def stop_all(processes: Iterable[WorkerProcess]) -> None:
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.stop(timeout=30)
+
+
+# -- payloads -----------------------------------------------------------------------------------
+
+
+def iso_z(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def purchase(
+    rng: random.Random, event_id: str, customer: str, occurred: float, amount: str | None = None
+) -> tuple[bytes, bytes]:
+    """(key, value) of one purchase, encoded exactly as `memberflow replay` encodes a CSV row."""
+    category = rng.choice(CATEGORIES)
+    if amount is None:
+        cents = rng.randint(500, 15_000)
+        amount = f"{cents // 100}.{cents % 100:02d}"
+    row = {
+        "event_id": event_id,
+        "customer_id": customer,
+        "occurred_at": iso_z(occurred),
+        "amount": amount,
+        "currency": "EUR",
+        "category": category,
+        "sku": f"{category}-{rng.randint(1, 12):03d}",
+        "quantity": str(rng.randint(1, 3)),
+    }
+    return customer.encode(), row_to_json(row, "EUR")
+
+
+def history_payloads(
+    events: int, customers: int, seed: int, end: float
+) -> list[tuple[bytes, bytes]]:
+    """`events` purchases of uniformly drawn customers, in time order over the 330 days before
+    `end` (inside the 365-day window and the 730-day age limit of the default policy)."""
+    rng = random.Random(f"bench:{seed}:{events}:{customers}")
+    start = end - 330 * DAY
+    span = 329 * DAY
+    return [
+        purchase(
+            rng,
+            f"b{seed}-{i}",
+            customer_id(rng.randrange(customers) + 1),
+            start + i * span / events,
+        )
+        for i in range(events)
+    ]
+
+
+async def produce(
+    bootstrap: str, topic: str, payloads: Sequence[tuple[bytes, bytes]], partitions: int
+) -> float:
+    """Send payloads keyed by customer (Kafka's murmur2 partitioner, like every producer in
+    this project) with aiokafka's batch API; returns the seconds it took."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.partitioner import DefaultPartitioner
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=512 * 1024
+    )
+    await producer.start()
+    started = time.perf_counter()
+    try:
+        partitioner = DefaultPartitioner()
+        ids = list(range(partitions))
+        batches = {p: producer.create_batch() for p in ids}
+        futures = []
+        for key, value in payloads:
+            part = partitioner(key, ids, ids)
+            if batches[part].append(key=key, value=value, timestamp=None) is None:
+                futures.append(await producer.send_batch(batches[part], topic, partition=part))
+                batches[part] = producer.create_batch()
+                batches[part].append(key=key, value=value, timestamp=None)
+        for part, batch in batches.items():
+            if batch.record_count():
+                futures.append(await producer.send_batch(batch, topic, partition=part))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return time.perf_counter() - started
+
+
+def preload(bench: Bench, topic: str, events: int, customers: int) -> dict[str, Any]:
+    bench.broker.create_topics({topic: bench.args.partitions})
+    started = time.perf_counter()
+    payloads = history_payloads(events, customers, bench.args.seed, time.time() - DAY)
+    generated = time.perf_counter() - started
+    seconds = asyncio.run(produce(bench.broker.bootstrap, topic, payloads, bench.args.partitions))
+    mean_bytes = statistics.fmean(len(v) for _, v in payloads)
+    say(
+        f"pre-loaded {events:,} purchases for {customers:,} customers into {topic} "
+        f"(generated in {generated:.1f}s, produced at {events / seconds:,.0f}/s, "
+        f"{mean_bytes:.0f} B each)"
+    )
+    return {
+        "topic": topic,
+        "events": events,
+        "customers": customers,
+        "generate_s": round(generated, 2),
+        "produce_events_per_s": round(events / seconds),
+        "mean_message_bytes": round(mean_bytes, 1),
+    }
+
+
+def delete_topic(bench: Bench, topic: str) -> None:
+    with contextlib.suppress(Exception), bench.broker.admin() as admin:
+        admin.delete_topics([topic])
+
+
+# -- throughput runs ----------------------------------------------------------------------------
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc
+
+
+def run_baseline(
+    bench: Bench, label: str, script: str, mode: str | None, topic: str, events: int
+) -> dict[str, Any]:
+    """Run one baseline Faust app (in --workers processes) over `topic` until `events` done."""
+    group = f"bench-{label}-{bench.run_id}"
+    processes: list[FaustProcess] = []
+    statuses: list[Path] = []
+    for index in range(bench.args.workers):
+        status = bench.tmp / f"{group}-{index}.status.json"
+        env = bench.env(group, topic)
+        env["BENCH_STATUS_FILE"] = str(status)
+        if mode:
+            env["BENCH_MODE"] = mode
+        workdir = bench.tmp / f"{group}-{index}"
+        processes.append(FaustProcess(OPS / script, env, workdir, name=label))
+        statuses.append(status)
+    say(f"({label}) starting {len(processes)} x {script} {mode or ''}".rstrip())
+    meter = CpuMeter(
+        {
+            "consumer": [p.pid for p in processes],
+            "broker": [bench.broker.pid],
+            "redis": bench.redis_pids(),
+        }
+    )
+    try:
+        start_all(processes)
+        meter.groups["consumer"] = [p.pid for p in processes]
+        deadline = time.monotonic() + bench.run_timeout(events)
+        docs: list[dict[str, Any]] = []
+        while True:
+            for process in processes:
+                process._check_alive()
+            docs = [d for d in (_read_status(s) for s in statuses) if d]
+            done = sum(int(d["count"]) for d in docs)
+            if done and meter.start_t is None:
+                meter.begin()
+            if done >= events:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"({label}) only {done} of {events} events in time")
+            time.sleep(0.1)
+        cpu = meter.end()
+        rss = [memory_kib(p.pid) for p in processes]
+    finally:
+        stop_all(processes)
+        for process in processes:
+            process.cleanup()
+    started = [d for d in docs if d.get("first_t")]
+    first_t = min(float(d["first_t"]) for d in started)
+    last_t = max(float(d["last_t"]) for d in started)
+    first_count = sum(int(d["first_count"]) for d in started)
+    done = sum(int(d["count"]) for d in docs)
+    rate = throughput(first_count, first_t, done, last_t)
+    say(f"({label}) {done:,} events, {rate or 0:,.0f} events/s, cpu {cpu}")
+    return {
+        "label": label,
+        "events": done,
+        "measured_events": done - first_count,
+        "seconds": round(last_t - first_t, 3),
+        "events_per_s": round(rate) if rate else None,
+        "cpu_cores": cpu,
+        "rss_kib": rss,
+    }
+
+
+def worker_counts(workers: Sequence[WorkerProcess]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for worker in workers:
+        for name, value in worker.metrics().items():
+            if name.startswith(("memberflow_events_total{", "memberflow_notifications_total{")):
+                totals[name] = totals.get(name, 0.0) + value
+    return totals
+
+
+def events_done(counts: dict[str, float]) -> int:
+    return int(sum(v for k, v in counts.items() if k.startswith("memberflow_events_total{")))
+
+
+@dataclass
+class MemberflowRun:
+    result: dict[str, Any]
+    workers: list[WorkerProcess]
+
+
+def run_memberflow(
+    bench: Bench,
+    label: str,
+    topic: str,
+    events: int,
+    *,
+    keep_running: bool = False,
+    prepare: Callable[[], dict[str, Any]] | None = None,
+    attach: Callable[[list[WorkerProcess]], Callable[[], None]] | None = None,
+) -> MemberflowRun:
+    """Flush Redis, run `memberflow worker` process(es) over `topic` until `events` are done,
+    measure throughput, Redis memory and RSS. With keep_running the workers are handed back."""
+    bench.flushall()
+    memory_before = bench.used_memory()
+    prepared = prepare() if prepare else {}
+    group = f"bench-{label}-{bench.run_id}"
+    workers = [
+        WorkerProcess(
+            bench.env(group, topic), workdir=bench.tmp / f"{group}-{index}", name=f"worker{index}"
+        )
+        for index in range(bench.args.workers)
+    ]
+    say(f"({label}) starting {len(workers)} memberflow worker(s), group {group}")
+    meter = CpuMeter({"broker": [bench.broker.pid], "redis": bench.redis_pids()})
+    detach: Callable[[], None] | None = None
+    try:
+        start_all(workers)
+        meter.groups["consumer"] = [w.pid for w in workers]
+        if attach:
+            detach = attach(workers)
+        deadline = time.monotonic() + bench.run_timeout(events)
+        first: tuple[int, float] | None = None
+        last: tuple[int, float] = (0, 0.0)
+        step = 0
+        while True:
+            for worker in workers:
+                worker._check_alive()
+            done = events_done(worker_counts(workers))
+            now = time.time()
+            if done and first is None:
+                first = (done, now)
+                meter.begin()
+            if done >= events:
+                last = (done, now)
+                break
+            # Poll every 0.2 s, and finely near the end so the end time is not 0.2 s late.
+            remaining = events - done
+            interval = 0.02 if step and remaining <= 2 * step else 0.2
+            step = max(step, done - last[0])
+            last = (done, now)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"({label}) memberflow did {done} of {events} events in time")
+            time.sleep(interval)
+        cpu = meter.end()
+        if detach:
+            detach()
+            detach = None
+        counts = worker_counts(workers)
+        rss = [memory_kib(w.pid) for w in workers]
+        memory = measure_memory(bench, memory_before)
+    except BaseException:
+        if detach:
+            detach()
+        stop_all(workers)
+        raise
+    if not keep_running:
+        stop_all(workers)
+    assert first is not None
+    rate = throughput(first[0], first[1], last[0], last[1])
+    outcomes = {
+        k.split('"')[1]: int(v) for k, v in counts.items() if k.startswith("memberflow_events")
+    }
+    notifications = int(
+        sum(v for k, v in counts.items() if k.startswith("memberflow_notifications"))
+    )
+    say(
+        f"({label}) {last[0]:,} events, {rate or 0:,.0f} events/s, outcomes {outcomes}, "
+        f"{notifications:,} notifications, cpu {cpu}, "
+        f"{memory.get('bytes_per_customer') or 0:.0f} B/customer"
+    )
+    result = {
+        "label": label,
+        "events": last[0],
+        "measured_events": last[0] - first[0],
+        "seconds": round(last[1] - first[1], 3),
+        "events_per_s": round(rate) if rate else None,
+        "outcomes": outcomes,
+        "notifications": notifications,
+        "cpu_cores": cpu,
+        "rss_kib": rss,
+        "memory": memory,
+        **({"prepared": prepared} if prepared else {}),
+    }
+    return MemberflowRun(result, workers if keep_running else [])
+
+
+def measure_memory(bench: Bench, used_before: int, sample: int = 300) -> dict[str, Any]:
+    """Redis bytes per stored customer, and what a customer hash is made of (sampled)."""
+    used = bench.used_memory()
+    customers = bench.customers_stored()
+    usage, state_bytes, seen_bytes, seen_entries = [], [], [], []
+    per_node = max(1, sample // len(bench.node_clients()))
+    for client in bench.node_clients():
+        scan = client.scan_iter(match=keys.CUSTOMER_PATTERN, count=1000)
+        for taken, raw_key in enumerate(scan, start=1):
+            usage.append(int(client.memory_usage(raw_key, samples=0) or 0))
+            state = client.hget(raw_key, "s")
+            if state:
+                doc = json.loads(state)
+                state_bytes.append(len(state))
+                seen_bytes.append(len(json.dumps(doc["s"], separators=(",", ":"))))
+                seen_entries.append(len(doc["s"]))
+            if taken >= per_node:
+                break
+    delta = used - used_before
+    return {
+        "used_memory_before": used_before,
+        "used_memory_after": used,
+        "customers_stored": customers,
+        "bytes_per_customer": round(delta / customers, 1) if customers else None,
+        "sampled_keys": len(usage),
+        "memory_usage_mean": round(statistics.fmean(usage), 1) if usage else None,
+        "state_json_mean": round(statistics.fmean(state_bytes), 1) if state_bytes else None,
+        "dedup_json_mean": round(statistics.fmean(seen_bytes), 1) if seen_bytes else None,
+        "dedup_entries_mean": round(statistics.fmean(seen_entries), 2) if seen_entries else None,
+    }
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median rate (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda r: r.get("events_per_s") or 0)
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    if len(runs) > 1:
+        chosen["all_events_per_s"] = [r.get("events_per_s") for r in runs]
+    return chosen
+
+
+# -- latency ------------------------------------------------------------------------------------
+
+
+async def latency_phase(
+    bench: Bench,
+    workers: list[WorkerProcess],
+    topic: str,
+    rate: float,
+    duration: float,
+    probes_per_s: float,
+    customers: int,
+) -> dict[str, Any]:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    from state.redis_store import connect
+
+    rng = random.Random(f"latency:{bench.args.seed}")
+    probes = max(1, int(duration * probes_per_s))
+    prefix = f"lat-{bench.run_id}"
+    probe_customers = [f"probe-{bench.run_id}-{i}" for i in range(probes)]
+    redis = connect(bench.redis_url, cluster=bench.cluster is not None)
+    producer = AIOKafkaProducer(bootstrap_servers=bench.broker.bootstrap, acks="all", linger_ms=1)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bench.broker.bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_wait_ms=5,
+    )
+    await producer.start()
+    await consumer.start()
+    try:
+        # 1. Prime every probe customer with one small purchase and wait until all are applied.
+        now = time.time()
+        primes = [
+            await producer.send(topic, value, key=key)
+            for key, value in (
+                purchase(rng, f"{prefix}-prime-{i}", cid, now - 60, PROBE_PRIME_AMOUNT)
+                for i, cid in enumerate(probe_customers)
+            )
+        ]
+        await asyncio.gather(*primes)
+        deadline = time.monotonic() + 90
+        while True:
+            pipe = redis.pipeline(transaction=False)
+            for cid in probe_customers:
+                pipe.exists(keys.customer(cid))
+            if all(await pipe.execute()):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("probe customers were not primed within 90 s")
+            await asyncio.sleep(0.2)
+
+        await consumer.topics()  # loads the metadata partitions_for_topic reads
+        partitions = consumer.partitions_for_topic(bench.notifications_topic) or set()
+        tps = [TopicPartition(bench.notifications_topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+
+        pending: dict[str, tuple[str, bytes, float]] = {}  # event id -> (key, needle, sent)
+        applied: dict[str, float] = {}
+        notified: dict[str, float] = {}
+        stopping = asyncio.Event()
+        all_seen = asyncio.Event()
+
+        def check_all_seen() -> None:
+            if len(applied) >= probes and len(notified) >= probes:
+                all_seen.set()
+
+        async def poll_redis() -> None:
+            while not stopping.is_set():
+                if pending:
+                    ids = list(pending)
+                    pipe = redis.pipeline(transaction=False)
+                    for event_id in ids:
+                        pipe.hget(pending[event_id][0], "s")
+                    states = await pipe.execute()
+                    seen_at = time.time()
+                    for event_id, state in zip(ids, states, strict=True):
+                        _, needle, sent = pending[event_id]
+                        if state and needle in state:
+                            applied[event_id] = (seen_at - sent) * 1000
+                            del pending[event_id]
+                    check_all_seen()
+                await asyncio.sleep(0.002)
+
+        async def read_notifications() -> None:
+            while not stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=50)
+                seen_at = time.time()
+                for records in batches.values():
+                    for record in records:
+                        doc = json.loads(record.value)
+                        cause = (doc.get("cause") or {}).get("id", "")
+                        sent = parse_probe_id(cause) if cause.startswith(prefix) else None
+                        if sent is not None and doc.get("type") == "tier_upgraded":
+                            notified[cause] = (seen_at - sent) * 1000
+                check_all_seen()
+
+        tasks = [asyncio.create_task(poll_redis()), asyncio.create_task(read_notifications())]
+        counts_before = events_done(await asyncio.to_thread(worker_counts, workers))
+
+        # 2. Offer `rate` events/s for `duration` s; probes are spread evenly among them.
+        say(
+            f"(latency) offering {rate:,.0f} events/s for {duration:g}s with "
+            f"{probes} probes ({probes_per_s:g}/s)"
+        )
+        meter = CpuMeter(
+            {
+                "consumer": [w.pid for w in workers],
+                "broker": [bench.broker.pid],
+                "redis": bench.redis_pids(),
+            }
+        )
+        meter.begin()
+        futures = []
+        sent = probes_sent = 0
+        started = time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < duration:
+            due = int(rate * elapsed)
+            due_probes = min(probes, int(probes_per_s * elapsed))
+            while probes_sent < due_probes:
+                send_ns = time.time_ns()
+                event_id = f"{prefix}-p{probes_sent}-{send_ns}"
+                cid = probe_customers[probes_sent]
+                key, value = purchase(rng, event_id, cid, send_ns / 1e9, PROBE_AMOUNT)
+                pending[event_id] = (
+                    keys.customer(cid),
+                    event_key(event_id).encode(),
+                    send_ns / 1e9,
+                )
+                futures.append(await producer.send(topic, value, key=key))
+                probes_sent += 1
+                sent += 1
+            while sent < due:
+                cid = customer_id(rng.randrange(customers) + 1)
+                key, value = purchase(rng, f"{prefix}-{sent}", cid, time.time())
+                futures.append(await producer.send(topic, value, key=key))
+                sent += 1
+            await asyncio.sleep(0.002)
+        offered_s = time.perf_counter() - started
+        await asyncio.gather(*futures)
+
+        # 3. Wait for the stragglers, then for the worker(s) to drain the offered load.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_seen.wait(), timeout=30)
+        target = counts_before + sent
+        lag_deadline = time.monotonic() + 30
+        done = counts_before
+        while time.monotonic() < lag_deadline:
+            done = events_done(await asyncio.to_thread(worker_counts, workers))
+            if done >= target:
+                break
+            await asyncio.sleep(0.1)
+        drained_after_s = round(time.perf_counter() - started - offered_s, 2)
+        cpu = meter.end()
+        stopping.set()
+        await asyncio.gather(*tasks)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+        await redis.aclose()
+
+    result = {
+        "offered_rate": round(rate),
+        "achieved_rate": round(sent / offered_s),
+        "seconds": round(offered_s, 2),
+        "events_sent": sent,
+        "events_processed": done - counts_before,
+        "drained_after_s": drained_after_s,
+        "probes": probes,
+        "applied": latency_summary(list(applied.values())),
+        "notified": latency_summary(list(notified.values())),
+        "cpu_cores": cpu,
+    }
+    say(
+        f"(latency) applied {result['applied']}, notified {result['notified']}, "
+        f"processed {result['events_processed']:,}/{sent:,}"
+    )
+    return result
+
+
+# -- profile ------------------------------------------------------------------------------------
+
+
+def py_spy_binary() -> str | None:
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def run_profile(bench: Bench, topic: str, events: int, out: Path) -> dict[str, Any]:
+    """One extra memberflow run with py-spy sampling worker 0 (not the measured run)."""
+    binary = py_spy_binary()
+    if binary is None:
+        return {"skipped": "py-spy not installed (pip install py-spy)"}
+    raw = out.with_suffix(".profile.txt")
+    holder: dict[str, subprocess.Popen[bytes]] = {}
+
+    def attach(workers: list[WorkerProcess]) -> Callable[[], None]:
+        log = open(bench.tmp / "py-spy.log", "wb")  # noqa: SIM115 - closed in detach
+        holder["proc"] = subprocess.Popen(
+            [
+                binary,
+                "record",
+                "--pid",
+                str(workers[0].pid),
+                "--rate",
+                "100",
+                "--format",
+                "raw",
+                "--function",
+                "--nonblocking",
+                "-o",
+                str(raw),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def detach() -> None:
+            proc = holder["proc"]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            log.close()
+
+        return detach
+
+    run = run_memberflow(bench, "c-profiled", topic, events, attach=attach)
+    if not raw.exists():
+        return {
+            "skipped": "py-spy wrote no profile: "
+            + (bench.tmp / "py-spy.log").read_text(errors="replace")[-500:]
+        }
+    with raw.open() as handle:
+        summary = top_frames(handle)
+    summary["raw_file"] = str(raw)
+    summary["events_per_s_while_profiled"] = run.result["events_per_s"]
+    return summary
+
+
+# -- sweep --------------------------------------------------------------------------------------
+
+
+def prefill_customers(bench: Bench, customers: int, before: float) -> dict[str, Any]:
+    """Write `customers` customer hashes in the store's format (v=1, s=state JSON), each with one
+    purchase 30 days before `before`: the keyspace a shop of that size has."""
+    started = time.perf_counter()
+    client = bench.data_client()
+    rng = random.Random(f"prefill:{bench.args.seed}")
+    occurred = int(before - 30 * DAY)
+    day = occurred // DAY
+    chunk = 5_000
+    for low in range(0, customers, chunk):
+        pipe = client.pipeline(transaction=False)
+        for number in range(low + 1, min(customers, low + chunk) + 1):
+            cid = customer_id(number)
+            amount = rng.randint(500, 15_000)
+            state = CustomerState(
+                customer_id=cid,
+                first_purchase_at=occurred,
+                last_purchase_at=occurred,
+                latest_event_at=occurred,
+                lifetime_orders=1,
+                lifetime_spend=amount,
+                buckets={day: [1, amount]},
+                categories={rng.choice(CATEGORIES): [occurred, 1]},
+                seen={event_key(f"pre-{number}"): [0, day, amount, 0]},
+                tier="member",
+            )
+            pipe.hset(keys.customer(cid), mapping={"v": 1, "s": state.to_json()})
+        pipe.execute()
+    seconds = time.perf_counter() - started
+    say(f"prefilled {customers:,} customers in {seconds:.1f}s")
+    return {"customers": customers, "seconds": round(seconds, 1)}
+
+
+def run_sweep(bench: Bench, sizes: list[int], events: int) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        topic = f"bench.sweep.{size}"
+        loaded = preload(bench, topic, events, size)
+        prepare = None
+        if bench.args.sweep_prefill:
+            first_event = time.time() - DAY - 330 * DAY
+
+            def prepare(size: int = size, first_event: float = first_event) -> dict[str, Any]:
+                return prefill_customers(bench, size, first_event)
+
+        run = run_memberflow(bench, f"sweep-{size}", topic, events, prepare=prepare)
+        delete_topic(bench, topic)
+        memory = run.result["memory"]
+        rows.append(
+            {
+                "customers": size,
+                "events": events,
+                "events_per_s": run.result["events_per_s"],
+                "customers_stored": memory["customers_stored"],
+                "bytes_per_customer": memory["bytes_per_customer"],
+                "memory_usage_mean": memory["memory_usage_mean"],
+                "used_memory_after": memory["used_memory_after"],
+                "prefilled": bool(bench.args.sweep_prefill),
+                "preload": loaded,
+                "run": run.result,
+            }
+        )
+    return rows
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def _mib(kib: int | None) -> str:
+    return "" if kib is None else f"{kib / 1024:.0f}"
+
+
+def report(results: dict[str, Any]) -> str:
+    out = []
+    config = results["config"]
+    out.append(
+        f"memberflow benchmark {results['started_at']}  events={config['events']:,} "
+        f"customers={config['customers']:,} partitions={config['partitions']} "
+        f"workers={config['workers']} redis={'cluster x3' if config['redis_cluster'] else 'single'}"
+        f" batch={config['batch_max']}/{config['batch_within']}s"
+        + ("  [quick]" if config["quick"] else "")
+    )
+    runs = results.get("throughput", {})
+    names = {
+        "a_take": "(a)  Faust consume-only, noack_take + ack",
+        "a_default": "(a') Faust consume-only, default iteration",
+        "b_naive": "(b)  naive: 1 event, 4 Redis round trips",
+        "c_memberflow": "(c)  memberflow worker",
+    }
+    rows = []
+    for key, name in names.items():
+        run = runs.get(key)
+        if not run:
+            continue
+        cpu = run.get("cpu_cores", {})
+        rss = [r.get("VmHWM") for r in run.get("rss_kib", []) if r]
+        rows.append(
+            [
+                name,
+                f"{run['measured_events']:,}",
+                f"{run['seconds']:.1f}",
+                f"{run['events_per_s']:,}" if run.get("events_per_s") else "n/a",
+                cpu.get("consumer"),
+                cpu.get("broker"),
+                cpu.get("redis"),
+                "/".join(_mib(r) for r in rss),
+            ]
+        )
+    if rows:
+        out.append("")
+        out.append(
+            format_table(
+                [
+                    "throughput",
+                    "events",
+                    "seconds",
+                    "events/s",
+                    "cpu consumer",
+                    "cpu broker",
+                    "cpu redis",
+                    "peak RSS MiB",
+                ],
+                rows,
+            )
+        )
+        c = (runs.get("c_memberflow") or {}).get("events_per_s")
+        ratios = []
+        for key, short in (("a_take", "a"), ("a_default", "a'"), ("b_naive", "b")):
+            other = (runs.get(key) or {}).get("events_per_s")
+            if c and other:
+                ratios.append(f"c/{short} = {c / other:.2f}")
+        if ratios:
+            out.append("ratios: " + ", ".join(ratios))
+    latency = results.get("latency")
+    if latency:
+        out.append("")
+        out.append(
+            f"latency at {latency['achieved_rate']:,} events/s offered "
+            f"(target {latency['offered_rate']:,}) for {latency['seconds']}s, "
+            f"{latency['probes']} probes; processed {latency['events_processed']:,} of "
+            f"{latency['events_sent']:,}"
+        )
+        lrows = [
+            [
+                name,
+                latency[key]["count"],
+                latency[key]["p50"],
+                latency[key]["p95"],
+                latency[key]["p99"],
+                latency[key]["max"],
+            ]
+            for key, name in (
+                ("applied", "produce -> state in Redis"),
+                ("notified", "produce -> notification read"),
+            )
+        ]
+        out.append(format_table(["latency (ms)", "n", "p50", "p95", "p99", "max"], lrows))
+    memory = results.get("memory")
+    if memory:
+        out.append("")
+        out.append(
+            f"Redis: {memory['bytes_per_customer']} B/customer (used_memory delta over "
+            f"{memory['customers_stored']:,} customers); MEMORY USAGE mean "
+            f"{memory['memory_usage_mean']} B; state JSON mean {memory['state_json_mean']} B, "
+            f"of which dedup memory {memory['dedup_json_mean']} B "
+            f"({memory['dedup_entries_mean']} event ids)"
+        )
+    worker_rss = results.get("worker_rss_kib")
+    if worker_rss:
+        out.append(
+            "worker RSS after the run: "
+            + ", ".join(
+                f"VmRSS {_mib(r.get('VmRSS'))} MiB (peak {_mib(r.get('VmHWM'))} MiB)"
+                for r in worker_rss
+            )
+        )
+    sweep = results.get("sweep")
+    if sweep:
+        out.append("")
+        srows = [
+            [
+                f"{row['customers']:,}",
+                f"{row['customers_stored']:,}",
+                f"{row['events']:,}",
+                f"{row['events_per_s']:,}" if row["events_per_s"] else "n/a",
+                row["bytes_per_customer"],
+                row["memory_usage_mean"],
+            ]
+            for row in sweep
+        ]
+        out.append(
+            format_table(
+                [
+                    "sweep customers",
+                    "stored",
+                    "events",
+                    "events/s",
+                    "B/customer",
+                    "MEMORY USAGE",
+                ],
+                srows,
+            )
+        )
+        skipped = results.get("sweep_skipped")
+        if skipped:
+            out.append(f"sweep sizes not run (--quick): {skipped}")
+    profile = results.get("profile")
+    if profile and profile.get("samples"):
+        out.append("")
+        out.append(
+            f"profile of worker 0 (py-spy, {profile['samples']} samples, "
+            f"{profile['events_per_s_while_profiled']:,} events/s while profiled)"
+        )
+        out.append(
+            "by area (self): "
+            + ", ".join(f"{a['frame']} {a['share']:.0%}" for a in profile["areas"][:10])
+        )
+        out.append(
+            format_table(
+                ["top self frames", "share"],
+                [[f["frame"], f"{f['share']:.1%}"] for f in profile["self"][:12]],
+            )
+        )
+    elif profile:
+        out.append(f"profile: {profile.get('skipped')}")
+    out.append("")
+    out.append(
+        format_table(
+            ["target", "measured", "result"],
+            [
+                [
+                    t["target"],
+                    t["value"] or "not measured",
+                    {True: "PASS", False: "FAIL", None: "-"}[t["pass"]],
+                ]
+                for t in results["targets"]
+            ],
+        )
+    )
+    return "\n".join(out)
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    defaults = Settings.model_fields
+    parser = argparse.ArgumentParser(
+        prog="ops/benchmark.py",
+        description="Throughput, latency and memory of memberflow against a Faust consume-only "
+        "ceiling and a naive baseline, on a local broker and redis-server started for the run.",
+    )
+    parser.add_argument("--events", type=int, help=f"purchases pre-loaded [{DEFAULT_EVENTS:,}]")
+    parser.add_argument("--customers", type=int, help=f"customers [{DEFAULT_CUSTOMERS:,}]")
+    parser.add_argument(
+        "--partitions", type=int, default=4, help="partitions of the topics (default %(default)s)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="consumer processes per run (default %(default)s)",
+    )
+    parser.add_argument(
+        "--redis-cluster", action="store_true", help="a 3-node Redis Cluster instead of one server"
+    )
+    parser.add_argument(
+        "--batch-max",
+        type=int,
+        default=defaults["batch_max"].default,
+        help="take batch size (default %(default)s, as the worker)",
+    )
+    parser.add_argument(
+        "--batch-within",
+        type=float,
+        default=defaults["batch_within_s"].default,
+        help="take batch wait, seconds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--phases",
+        default="a,a-default,b,c,latency",
+        help="which of a, a-default, b, c, latency to run (default %(default)s)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of a/b/c each; the median is kept (default %(default)s)",
+    )
+    parser.add_argument(
+        "--latency-seconds", type=float, help="duration of the fixed-load phase [20]"
+    )
+    parser.add_argument(
+        "--latency-rate", type=float, help="offered events/s [half of memberflow's rate]"
+    )
+    parser.add_argument(
+        "--probes-per-second",
+        type=float,
+        default=50.0,
+        help="latency probes per second (default %(default)s)",
+    )
+    parser.add_argument(
+        "--customers-sweep",
+        type=parse_sizes,
+        help="run (c) at each customer count, e.g. 10000,100000,1000000 (or 10k,100k,1M)",
+    )
+    parser.add_argument(
+        "--no-sweep-prefill",
+        dest="sweep_prefill",
+        action="store_false",
+        help="do not pre-fill Redis with every sweep customer before the sweep run",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="one extra memberflow run under py-spy"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small defaults ({QUICK_EVENTS:,} events, {QUICK_CUSTOMERS:,} customers, "
+        f"8 s latency) and sweep sizes <= {QUICK_SWEEP_MAX:,}",
+    )
+    parser.add_argument("--seed", type=int, default=7, help="data seed (default %(default)s)")
+    parser.add_argument("--run-timeout", type=float, help="seconds per run [120 + events/200]")
+    parser.add_argument(
+        "--output", type=Path, help="JSON results [ops/results/benchmark-<timestamp>.json]"
+    )
+    args = parser.parse_args(argv)
+    args.events = args.events or (QUICK_EVENTS if args.quick else DEFAULT_EVENTS)
+    args.customers = args.customers or (QUICK_CUSTOMERS if args.quick else DEFAULT_CUSTOMERS)
+    args.latency_seconds = args.latency_seconds or (8.0 if args.quick else 20.0)
+    args.phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    unknown = args.phases - {"a", "a-default", "b", "c", "latency"}
+    if unknown:
+        parser.error(f"unknown phases: {sorted(unknown)}")
+    if "latency" in args.phases and "c" not in args.phases:
+        parser.error("the latency phase runs on the memberflow worker of phase c")
+    if args.events < 1 or args.customers < 1 or args.repeat < 1:
+        parser.error("--events, --customers and --repeat must be >= 1")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started_at = datetime.now(UTC)
+    stamp = started_at.strftime("%Y%m%d-%H%M%S")
+    output = args.output or OPS / "results" / f"benchmark-{stamp}.json"
+    results: dict[str, Any] = {
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "config": {
+            "events": args.events,
+            "customers": args.customers,
+            "partitions": args.partitions,
+            "workers": args.workers,
+            "redis_cluster": args.redis_cluster,
+            "batch_max": args.batch_max,
+            "batch_within": args.batch_within,
+            "phases": sorted(args.phases),
+            "repeat": args.repeat,
+            "quick": args.quick,
+            "latency_seconds": args.latency_seconds,
+            "probes_per_second": args.probes_per_second,
+            "customers_sweep": args.customers_sweep,
+            "sweep_prefill": args.sweep_prefill,
+            "profile": args.profile,
+            "seed": args.seed,
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+        },
+        "throughput": {},
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="memberflow-bench-"))
+    broker = LocalBroker(workdir=tmp / "broker")
+    redis_server = None if args.redis_cluster else LocalRedis(workdir=tmp / "redis")
+    cluster = LocalRedisCluster(workdir=tmp / "redis-cluster") if args.redis_cluster else None
+    bench = Bench(args, broker, redis_server, cluster, tmp, run_id=stamp.replace("-", ""))
+    workers: list[WorkerProcess] = []
+    try:
+        broker.start()
+        if cluster is not None:
+            cluster.start()
+        elif redis_server is not None:
+            redis_server.start()
+        say(f"broker {broker.bootstrap}, redis {bench.redis_url}, work dir {tmp}")
+        topic = "bench.purchases"
+        broker.create_topics(
+            {
+                topic: args.partitions,
+                bench.notifications_topic: args.partitions,
+                bench.dead_letter_topic: args.partitions,
+            }
+        )
+        results["preload"] = preload(bench, topic, args.events, args.customers)
+        events = args.events
+
+        baselines = (
+            ("a", "a_take", "bench_consume_only.py", "take"),
+            ("a-default", "a_default", "bench_consume_only.py", "default"),
+            ("b", "b_naive", "bench_naive.py", None),
+        )
+        for phase, key, script, mode in baselines:
+            if phase in args.phases:
+                bench.flushall()
+                runs = [
+                    run_baseline(bench, key, script, mode, topic, events)
+                    for _ in range(args.repeat)
+                ]
+                results["throughput"][key] = median_run(runs)
+
+        if "c" in args.phases:
+            keep = "latency" in args.phases
+            mf_runs = []
+            for attempt in range(args.repeat):
+                last_one = attempt == args.repeat - 1
+                mf = run_memberflow(
+                    bench, "c_memberflow", topic, events, keep_running=keep and last_one
+                )
+                mf_runs.append(mf.result)
+                if mf.workers:
+                    workers = mf.workers
+            results["throughput"]["c_memberflow"] = median_run(mf_runs)
+            results["memory"] = mf_runs[-1]["memory"]
+            results["worker_rss_kib"] = mf_runs[-1]["rss_kib"]
+
+        if "latency" in args.phases and workers:
+            c_rate = results["throughput"]["c_memberflow"]["events_per_s"] or 1000
+            rate = args.latency_rate or c_rate / 2
+            results["latency"] = asyncio.run(
+                latency_phase(
+                    bench,
+                    workers,
+                    topic,
+                    rate,
+                    args.latency_seconds,
+                    args.probes_per_second,
+                    args.customers,
+                )
+            )
+            results["worker_rss_kib_after_latency"] = [memory_kib(w.pid) for w in workers]
+        stop_all(workers)
+        workers = []
+
+        if args.profile:
+            results["profile"] = run_profile(bench, topic, events, output)
+
+        if args.customers_sweep:
+            sizes = args.customers_sweep
+            if args.quick:
+                results["sweep_skipped"] = [s for s in sizes if s > QUICK_SWEEP_MAX]
+                sizes = [s for s in sizes if s <= QUICK_SWEEP_MAX]
+            results["sweep"] = run_sweep(bench, sizes, events)
+    finally:
+        stop_all(workers)
+        bench.close_clients()
+        if cluster is not None:
+            cluster.cleanup()
+        if redis_server is not None:
+            redis_server.cleanup()
+        broker.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    results["targets"] = check_targets(results)
+    results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+    print(f"\nresults: {output}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        say("interrupted; services stopped")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

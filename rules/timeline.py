@@ -1,0 +1,372 @@
+"""Time-driven behaviour: which timers a customer has pending, and firing the due ones.
+
+Timers are not stored as a separate list: they are derived from the customer's state (the last
+purchase, the stage, the oldest window bucket, settled reminders), so they can never disagree
+with it, and firing one is a state change like any other (atomic, idempotent under replay).
+The engine keeps only an index "customer -> next due time" to know whom to wake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from rules.customer import (
+    DAY,
+    CustomerState,
+    Stage,
+    expire,
+    iso,
+    notification_id,
+    stage_change,
+)
+from rules.policy import Marketing, Policy, Promotion
+from streams.events import Cause, Notification, NotificationType
+
+# Fire order for timers due at the same second: state first (window, lifecycle), then messages.
+_KIND_ORDER = {"window_expiry": 0, "lifecycle": 1, "win_back": 2, "repurchase_reminder": 3}
+MAX_FIRINGS = 10_000  # per advance() call; each firing settles or moves its timer forward
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    kind: str  # window_expiry | lifecycle | repurchase_reminder | win_back
+    key: str  # unique per customer: "window", "at_risk", "churned", "reminder:<cat>", "win_back"
+    due: int  # epoch seconds
+    reason: str  # why it exists, for `memberflow customer`
+    anchor: int  # the purchase time (or bucket day) it derives from
+
+
+@dataclass(frozen=True, slots=True)
+class Advance:
+    state: CustomerState
+    notifications: tuple[Notification, ...] = ()
+    effects: tuple[tuple[str, str], ...] = ()  # (trigger, outcome) for metrics
+    fired: tuple[Timer, ...] = ()  # for lateness metrics
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.fired)
+
+
+def interval_for(category: str, policy: Policy, learned: dict[str, int]) -> tuple[int, str]:
+    """The expected repurchase interval in days and where it comes from."""
+    rule = policy.repurchase.categories[category]
+    if rule.learn and category in learned:
+        return learned[category], "learned"
+    return rule.interval_days, "configured"
+
+
+def pending_timers(
+    state: CustomerState, policy: Policy, learned: dict[str, int] | None = None
+) -> list[Timer]:
+    learned = learned or {}
+    timers: list[Timer] = []
+    if state.buckets:
+        oldest = min(state.buckets)
+        timers.append(
+            Timer(
+                "window_expiry",
+                "window",
+                (oldest + policy.window_days) * DAY,
+                f"purchases of {_date(oldest * DAY)} leave the {policy.window_days}-day window",
+                oldest,
+            )
+        )
+    last = state.last_purchase_at
+    if last is not None:
+        stage = Stage(state.stage)
+        cycle = policy.lifecycle
+        if stage in (Stage.NEW, Stage.ACTIVE, Stage.REACTIVATED):
+            timers.append(
+                Timer(
+                    "lifecycle",
+                    "at_risk",
+                    last + cycle.at_risk_after_days * DAY,
+                    f"at risk after {cycle.at_risk_after_days} days without a purchase",
+                    last,
+                )
+            )
+        elif stage is Stage.AT_RISK:
+            timers.append(
+                Timer(
+                    "lifecycle",
+                    "churned",
+                    last + cycle.churned_after_days * DAY,
+                    f"churned after {cycle.churned_after_days} days without a purchase",
+                    last,
+                )
+            )
+        if policy.win_back is not None and state.win_back_for != last:
+            deferred = state.deferred.get("win_back")
+            due = last + policy.win_back.after_days * DAY
+            if deferred is not None and deferred[0] == last:
+                due = deferred[1]
+            timers.append(
+                Timer(
+                    "win_back",
+                    "win_back",
+                    due,
+                    f"win-back offer after {policy.win_back.after_days} days without a purchase",
+                    last,
+                )
+            )
+    for category, (bought_at, _count) in sorted(state.categories.items()):
+        rule = policy.repurchase.categories.get(category)
+        if rule is None or state.reminded.get(category) == bought_at:
+            continue
+        interval, source = interval_for(category, policy, learned)
+        due = bought_at + max(1, interval - rule.lead_days) * DAY
+        deferred = state.deferred.get(f"reminder:{category}")
+        if deferred is not None and deferred[0] == bought_at:
+            due = deferred[1]
+        timers.append(
+            Timer(
+                "repurchase_reminder",
+                f"reminder:{category}",
+                due,
+                f"{category} is rebought every {interval} days ({source}): remind "
+                f"{rule.lead_days} days before",
+                bought_at,
+            )
+        )
+    timers.sort(key=lambda t: (t.due, _KIND_ORDER[t.kind], t.key))
+    return timers
+
+
+def next_due(
+    state: CustomerState, policy: Policy, learned: dict[str, int] | None = None
+) -> int | None:
+    timers = pending_timers(state, policy, learned)
+    return timers[0].due if timers else None
+
+
+def advance(
+    state: CustomerState, policy: Policy, now: int, learned: dict[str, int] | None = None
+) -> Advance:
+    """Fire every timer due at or before `now`, each at its own due time, in due order."""
+    learned = learned or {}
+    current: CustomerState | None = None
+    notifications: list[Notification] = []
+    effects: list[tuple[str, str]] = []
+    fired: list[Timer] = []
+    for _ in range(MAX_FIRINGS):
+        working = current or state
+        due = [t for t in pending_timers(working, policy, learned) if t.due <= now]
+        if not due:
+            break
+        if current is None:
+            current = state.copy()
+        timer = due[0]
+        fired.append(timer)
+        outcome, notification = _fire(current, timer, policy, learned)
+        effects.append((timer.kind, outcome))
+        if notification is not None:
+            notifications.append(notification)
+    else:  # pragma: no cover - every firing settles its timer or moves it later
+        raise RuntimeError(f"timers of {state.customer_id} did not settle")
+    return Advance(current or state, tuple(notifications), tuple(effects), tuple(fired))
+
+
+def _fire(
+    state: CustomerState, timer: Timer, policy: Policy, learned: dict[str, int]
+) -> tuple[str, Notification | None]:
+    cause = Cause(kind="timer", id=f"{timer.key}@{timer.anchor}")
+    if timer.kind == "window_expiry":
+        expire(state, policy, timer.due)
+        return "fired", None
+    if timer.kind == "lifecycle":
+        to = Stage.AT_RISK if timer.key == "at_risk" else Stage.CHURNED
+        days = (timer.due - timer.anchor) // DAY
+        return "fired", stage_change(
+            state,
+            to,
+            timer.due,
+            policy,
+            cause,
+            reason=f"no purchase for {days} days",
+            inputs={"last_purchase_at": iso(timer.anchor), "days_without_purchase": days},
+        )
+    if timer.kind == "win_back":
+        assert policy.win_back is not None
+        return _marketing(
+            state,
+            timer,
+            policy,
+            cause,
+            NotificationType.WIN_BACK_OFFER,
+            "win_back",
+            policy.win_back.promotion,
+            expires=None,
+            details={
+                "last_purchase_at": iso(timer.anchor),
+                "after_days": policy.win_back.after_days,
+            },
+            settle=lambda: setattr(state, "win_back_for", timer.anchor),
+        )
+    category = timer.key.split(":", 1)[1]
+    rule = policy.repurchase.categories[category]
+    interval, source = interval_for(category, policy, learned)
+    expected = timer.anchor + interval * DAY
+    return _marketing(
+        state,
+        timer,
+        policy,
+        cause,
+        NotificationType.REPURCHASE_REMINDER,
+        f"repurchase.{category}",
+        rule.promotion,
+        # Past the expected repurchase (plus the lead again) a reminder no longer helps.
+        expires=expected + rule.lead_days * DAY,
+        details={
+            "category": category,
+            "last_purchase_at": iso(timer.anchor),
+            "interval_days": interval,
+            "interval_source": source,
+            "lead_days": rule.lead_days,
+            "expected_repurchase_at": iso(expected),
+        },
+        settle=lambda: state.reminded.__setitem__(category, timer.anchor),
+    )
+
+
+def _marketing(
+    state: CustomerState,
+    timer: Timer,
+    policy: Policy,
+    cause: Cause,
+    kind: NotificationType,
+    rule: str,
+    promotion: Promotion,
+    expires: int | None,
+    details: dict[str, Any],
+    settle: Any,
+) -> tuple[str, Notification | None]:
+    """Send a marketing message at `timer.due` unless the cap or quiet hours forbid it then:
+    deferred to the next allowed time (never dropped), cancelled once no longer relevant."""
+    if expires is not None and timer.due >= expires:
+        settle()
+        state.deferred.pop(timer.key, None)
+        return "cancelled", None
+    allowed, gate = next_allowed(state.marketing_sent, policy.marketing, timer.due)
+    if allowed > timer.due:
+        state.deferred[timer.key] = [timer.anchor, allowed]
+        return f"deferred_{gate}", None
+    settle()
+    state.deferred.pop(timer.key, None)
+    state.marketing_sent = sorted([*state.marketing_sent, timer.due])[
+        -policy.marketing.max_messages :
+    ]
+    valid_until = timer.due + promotion.valid_days * DAY
+    scheduled = _scheduled_due(timer, policy)
+    explanation: dict[str, Any] = {
+        "rule": rule,
+        **details,
+        "scheduled_for": iso(scheduled),
+        "sent_at": iso(timer.due),
+        "deferred": scheduled != timer.due,
+        "promotion": {
+            "description": promotion.description,
+            "discount_percent": str(promotion.discount_percent),
+            "applies_to": promotion.applies_to,
+            "valid_until": iso(valid_until),
+        },
+        "policy_version": policy.version,
+    }
+    summary = f"{promotion.description} (valid until {_date(valid_until)})" + (
+        f": {details['category']} is due again around {str(details['expected_repurchase_at'])[:10]}"
+        if "category" in details
+        else ""
+    )
+    return "fired", Notification(
+        notification_id=notification_id(state.customer_id, kind, rule, cause.id),
+        type=kind,
+        customer_id=state.customer_id,
+        occurred_at=datetime.fromtimestamp(timer.due, UTC),
+        cause=cause,
+        policy_version=policy.version,
+        summary=summary,
+        explanation=explanation,
+    )
+
+
+def _date(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).date().isoformat()
+
+
+def _scheduled_due(timer: Timer, policy: Policy) -> int:
+    """The due time before any deferral (for the explanation)."""
+    if timer.kind == "win_back":
+        assert policy.win_back is not None
+        return timer.anchor + policy.win_back.after_days * DAY
+    category = timer.key.split(":", 1)[1]
+    rule = policy.repurchase.categories[category]
+    # The learned interval may have moved since; the configured one is a fair record here.
+    return timer.anchor + max(1, rule.interval_days - rule.lead_days) * DAY
+
+
+def next_allowed(sent: list[int], marketing: Marketing, at: int) -> tuple[int, str]:
+    """The first time >= `at` when a marketing message may go out, and the gate that held it
+    ("cap" or "quiet_hours"; "" when none did)."""
+    moment, gate = at, ""
+    for _ in range(8):  # cap and quiet hours can push each other a few times at most
+        recent = sorted(t for t in sent if t > moment - marketing.per_days * DAY)
+        if len(recent) >= marketing.max_messages:
+            moment = recent[-marketing.max_messages] + marketing.per_days * DAY
+            gate = gate or "cap"
+            continue
+        end = _quiet_end(moment, marketing)
+        if end is not None:
+            moment = end
+            gate = gate or "quiet_hours"
+            continue
+        return moment, gate
+    return moment, gate  # pragma: no cover
+
+
+def _quiet_end(moment: int, marketing: Marketing) -> int | None:
+    """If `moment` falls in quiet hours (policy time zone), when they end; else None."""
+    quiet = marketing.quiet_hours
+    if quiet is None:
+        return None
+    zone = ZoneInfo(marketing.timezone)
+    local = datetime.fromtimestamp(moment, zone)
+    hour = local.hour
+    start, end = quiet.start_hour, quiet.end_hour
+    inside = start <= hour < end if start < end else (hour >= start or hour < end)
+    if not inside:
+        return None
+    day = local.date() if hour < end else local.date() + timedelta(days=1)
+    resume = datetime(day.year, day.month, day.day, end, tzinfo=zone)
+    return int(resume.timestamp())
+
+
+def describe_pending(
+    state: CustomerState, policy: Policy, learned: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """Pending timers for `memberflow customer`: what, when, why."""
+    return [
+        {
+            "kind": t.kind,
+            "key": t.key,
+            "due_at": iso(t.due),
+            "why": t.reason,
+            "deferred": t.key in state.deferred,
+        }
+        for t in pending_timers(state, policy, learned)
+    ]
+
+
+def learned_interval(histogram: dict[int, int], min_samples: int) -> int | None:
+    """The median observed repurchase gap in days, once there are `min_samples` gaps."""
+    total = sum(histogram.values())
+    if total < min_samples or total == 0:
+        return None
+    seen = 0
+    for days in sorted(histogram):
+        seen += histogram[days]
+        if seen * 2 >= total:
+            return max(1, days)
+    return None  # pragma: no cover
