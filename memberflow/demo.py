@@ -113,20 +113,24 @@ class _Shop(threading.Thread):
             producer.close(timeout=5)
 
 
-def _tiers(redis_url: str) -> Counter[str]:
+def _distribution(redis_url: str) -> tuple[Counter[str], Counter[str]]:
+    """Customers per tier and per lifecycle stage (a scan: fine for a demo-sized shop)."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
     try:
         tiers: Counter[str] = Counter()
+        stages: Counter[str] = Counter()
         names = list(client.scan_iter(match=keys.CUSTOMER_PATTERN, count=1000))
         pipe = client.pipeline(transaction=False)
         for name in names:
             pipe.hget(name, "s")
         for raw in pipe.execute():
             if raw:
-                tiers[CustomerState.from_json(raw).tier] += 1
-        return tiers
+                state = CustomerState.from_json(raw)
+                tiers[state.tier] += 1
+                stages[state.stage] += 1
+        return tiers, stages
     finally:
         client.close()
 
@@ -207,7 +211,7 @@ def _run(
             seen = worker.events_seen()
             rate = (seen - last_seen) / (now - last_tick)
             last_seen, last_tick = seen, now
-            tiers = _tiers(redis_server.url)
+            tiers, _ = _distribution(redis_server.url)
             print(
                 f"  {now - started:5.0f}s  sent {shop.sent:>6}/{len(entries)}  processed "
                 f"{seen:>6}  {rate:>7,.0f} ev/s  tiers "
@@ -269,10 +273,15 @@ def _summary(
             + ", ".join(f"{r}={n}" for r, n in sorted(reasons.items())),
             file=out,
         )
-    tiers = _tiers(redis_server.url)
+    tiers, stages = _distribution(redis_server.url)
     print(
         "  customers per tier: "
         + ", ".join(f"{style(name, '32')}={n}" for name, n in sorted(tiers.items())),
+        file=out,
+    )
+    print(
+        "  customers per lifecycle stage: "
+        + ", ".join(f"{name}={n}" for name, n in sorted(stages.items())),
         file=out,
     )
     print(

@@ -55,9 +55,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -108,6 +110,28 @@ PROBE_AMOUNT = "400.00"  # prime + probe: 2 orders and 410 EUR, over silver (2 o
 SUFFIXES = {"k": 1_000, "m": 1_000_000}
 
 _STARTED = time.monotonic()
+FAUST_FETCH_MAX_WAIT_MS = 1500  # hard-coded in faust/transport/drivers/aiokafka.py
+
+# Loaded (as sitecustomize) by the benchmark's consumer processes only, with --fetch-max-wait-ms:
+# an experiment on Faust's consumer setting, not a change to memberflow.
+SITE_PATCH = """
+import os
+import sys
+
+_MS = int(os.environ.get("BENCH_FETCH_MAX_WAIT_MS", "0") or 0)
+if _MS:
+    from faust.transport.drivers import aiokafka as _driver
+
+    _create = _driver.AIOKafkaConsumerThread._create_worker_consumer
+
+    def _create_worker_consumer(self, transport):
+        consumer = _create(self, transport)
+        consumer._fetch_max_wait_ms = _MS  # read by the Fetcher that start() creates
+        print(f"benchmark: Faust consumer fetch_max_wait_ms={_MS}", file=sys.stderr, flush=True)
+        return consumer
+
+    _driver.AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
+"""
 
 
 def say(message: str) -> None:
@@ -184,7 +208,7 @@ def parse_probe_id(event_id: str) -> float | None:
 
 def frame_area(frame: str) -> str:
     """Which part of the stack a py-spy frame ('func (path/file.py)') belongs to."""
-    path = frame.rpartition("(")[2]
+    path = "/" + frame.rpartition("(")[2]
     areas = (
         ("/rules/", "rules (pure fold)"),
         ("/state/", "state (redis store)"),
@@ -207,6 +231,9 @@ def frame_area(frame: str) -> str:
     return "other"
 
 
+_NOT_A_FRAME = re.compile(r"^(process \d+:|thread \(0x[0-9a-fA-F]+\)$)")
+
+
 def top_frames(lines: Iterable[str], limit: int = 15) -> dict[str, Any]:
     """Summarise py-spy raw (collapsed) output: 'frame;frame;...;leaf COUNT' per line.
 
@@ -223,7 +250,11 @@ def top_frames(lines: Iterable[str], limit: int = 15) -> dict[str, Any]:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [f for f in stack.split(";") if "(" in f and f.endswith(")")]
+        frames = [
+            f
+            for f in stack.split(";")
+            if f.endswith(")") and "(" in f and not _NOT_A_FRAME.match(f)
+        ]
         if not frames:
             continue
         total += count
@@ -461,9 +492,15 @@ class Bench:
     def used_memory(self) -> int:
         return sum(int(c.info("memory")["used_memory"]) for c in self.node_clients())
 
-    def customers_stored(self) -> int:
-        keys_total = sum(int(c.dbsize()) for c in self.node_clients())
-        return keys_total - int(self.data_client().exists(keys.event_clock()))
+    def key_counts(self) -> tuple[int, int]:
+        """(customer hashes, other keys: clocks, timer indexes, ...) over all nodes."""
+        total = sum(int(c.dbsize()) for c in self.node_clients())
+        customers = sum(
+            1
+            for c in self.node_clients()
+            for _ in c.scan_iter(match=keys.CUSTOMER_PATTERN, count=10_000)
+        )
+        return customers, total - customers
 
     def redis_pids(self) -> list[int | None]:
         if self.cluster is not None:
@@ -494,14 +531,36 @@ class Bench:
                 "MEMBERFLOW_BROKER_HEARTBEAT_INTERVAL_S": "1",
                 "MEMBERFLOW_LOG_LEVEL": "info",  # the readiness check reads Faust's "Ready"
                 "PYTHONPATH": os.pathsep.join(
-                    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+                    p for p in (self.site_patch(), str(ROOT), os.environ.get("PYTHONPATH", "")) if p
                 ),
             }
         )
+        if args.fetch_max_wait_ms is not None:
+            base["BENCH_FETCH_MAX_WAIT_MS"] = str(args.fetch_max_wait_ms)
         return base
+
+    def site_patch(self) -> str:
+        """With --fetch-max-wait-ms: a dir with a sitecustomize.py that sets the fetch max wait
+        of Faust's consumer in the processes of this run (Faust hard-codes 1500 ms)."""
+        if self.args.fetch_max_wait_ms is None:
+            return ""
+        path = self.tmp / "site-patch"
+        if not path.exists():
+            path.mkdir()
+            (path / "sitecustomize.py").write_text(SITE_PATCH)
+        return str(path)
 
     def run_timeout(self, events: int) -> float:
         return self.args.run_timeout or 120.0 + events / 200.0
+
+
+def fetch_patch_seen(processes: Sequence[WorkerProcess]) -> bool:
+    """True when every process logged that the --fetch-max-wait-ms patch took effect."""
+    marker = b"benchmark: Faust consumer fetch_max_wait_ms="
+    try:
+        return all(marker in p.log_path.read_bytes() for p in processes)
+    except OSError:
+        return False
 
 
 def start_all(processes: Sequence[WorkerProcess]) -> None:
@@ -692,6 +751,7 @@ def run_baseline(
             time.sleep(0.1)
         cpu = meter.end()
         rss = [memory_kib(p.pid) for p in processes]
+        patched = fetch_patch_seen(processes)
     finally:
         stop_all(processes)
         for process in processes:
@@ -705,6 +765,7 @@ def run_baseline(
     say(f"({label}) {done:,} events, {rate or 0:,.0f} events/s, cpu {cpu}")
     return {
         "label": label,
+        "fetch_max_wait_patched": patched,
         "events": done,
         "measured_events": done - first_count,
         "seconds": round(last_t - first_t, 3),
@@ -792,6 +853,7 @@ def run_memberflow(
             detach = None
         counts = worker_counts(workers)
         rss = [memory_kib(w.pid) for w in workers]
+        patched = fetch_patch_seen(workers)
         memory = measure_memory(bench, memory_before)
     except BaseException:
         if detach:
@@ -815,6 +877,7 @@ def run_memberflow(
     )
     result = {
         "label": label,
+        "fetch_max_wait_patched": patched,
         "events": last[0],
         "measured_events": last[0] - first[0],
         "seconds": round(last[1] - first[1], 3),
@@ -832,7 +895,7 @@ def run_memberflow(
 def measure_memory(bench: Bench, used_before: int, sample: int = 300) -> dict[str, Any]:
     """Redis bytes per stored customer, and what a customer hash is made of (sampled)."""
     used = bench.used_memory()
-    customers = bench.customers_stored()
+    customers, other_keys = bench.key_counts()
     usage, state_bytes, seen_bytes, seen_entries = [], [], [], []
     per_node = max(1, sample // len(bench.node_clients()))
     for client in bench.node_clients():
@@ -852,6 +915,7 @@ def measure_memory(bench: Bench, used_before: int, sample: int = 300) -> dict[st
         "used_memory_before": used_before,
         "used_memory_after": used,
         "customers_stored": customers,
+        "other_keys": other_keys,
         "bytes_per_customer": round(delta / customers, 1) if customers else None,
         "sampled_keys": len(usage),
         "memory_usage_mean": round(statistics.fmean(usage), 1) if usage else None,
@@ -991,7 +1055,7 @@ async def latency_phase(
         started = time.perf_counter()
         while (elapsed := time.perf_counter() - started) < duration:
             due = int(rate * elapsed)
-            due_probes = min(probes, int(probes_per_s * elapsed))
+            due_probes = min(probes, int(probes_per_s * elapsed) + 1)
             while probes_sent < due_probes:
                 send_ns = time.time_ns()
                 event_id = f"{prefix}-p{probes_sent}-{send_ns}"
@@ -1051,6 +1115,67 @@ async def latency_phase(
         f"processed {result['events_processed']:,}/{sent:,}"
     )
     return result
+
+
+async def broker_floor(
+    bench: Bench, rate: float, duration: float, fetch_max_wait_ms: int
+) -> dict[str, Any]:
+    """Produce -> consumed latency of a bare aiokafka consumer at the same offered rate and
+    fetch max wait as the Faust consumers: the floor the broker and the fetch setting set,
+    below any framework or processing."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    topic = "bench.floor"
+    bench.broker.create_topics({topic: bench.args.partitions})
+    producer = AIOKafkaProducer(bootstrap_servers=bench.broker.bootstrap, acks="all", linger_ms=1)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bench.broker.bootstrap,
+        group_id=None,
+        auto_offset_reset="latest",
+        fetch_max_wait_ms=fetch_max_wait_ms,
+    )
+    await producer.start()
+    await consumer.start()
+    latencies: list[float] = []
+    stopping = asyncio.Event()
+
+    async def consume() -> None:
+        while not stopping.is_set():
+            batches = await consumer.getmany(timeout_ms=50)
+            now = time.time()
+            for records in batches.values():
+                latencies.extend((now - float(r.value)) * 1000 for r in records)
+
+    try:
+        await consumer.seek_to_end()
+        await asyncio.sleep(1.0)
+        task = asyncio.create_task(consume())
+        sent = 0
+        started = time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < duration:
+            while sent < int(rate * elapsed):
+                key = customer_id(sent % 1000 + 1).encode()
+                await producer.send(topic, repr(time.time()).encode(), key=key)
+                sent += 1
+            await asyncio.sleep(0.002)
+        await producer.flush()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_until(lambda: len(latencies) >= sent), timeout=10)
+        stopping.set()
+        await task
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    delete_topic(bench, topic)
+    result = {"fetch_max_wait_ms": fetch_max_wait_ms, "sent": sent, **latency_summary(latencies)}
+    say(f"(latency) broker floor, bare aiokafka consumer: {result}")
+    return result
+
+
+async def _until(condition: Callable[[], bool], interval: float = 0.05) -> None:
+    while not condition():  # noqa: ASYNC110 - polling a plain counter
+        await asyncio.sleep(interval)
 
 
 # -- profile ------------------------------------------------------------------------------------
@@ -1275,6 +1400,18 @@ def report(results: dict[str, Any]) -> str:
                 ("notified", "produce -> notification read"),
             )
         ]
+        floor = latency.get("broker_floor")
+        if floor:
+            lrows.append(
+                [
+                    f"floor: bare aiokafka consumer, fetch wait {floor['fetch_max_wait_ms']} ms",
+                    floor["count"],
+                    floor["p50"],
+                    floor["p95"],
+                    floor["p99"],
+                    floor["max"],
+                ]
+            )
         out.append(format_table(["latency (ms)", "n", "p50", "p95", "p99", "max"], lrows))
     memory = results.get("memory")
     if memory:
@@ -1436,6 +1573,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile", action="store_true", help="one extra memberflow run under py-spy"
     )
     parser.add_argument(
+        "--fetch-max-wait-ms",
+        type=int,
+        help="experiment: set the fetch max wait of every Faust consumer in the run (Faust "
+        f"hard-codes {FAUST_FETCH_MAX_WAIT_MS} ms, and Tansu holds a fetch for about that long)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"small defaults ({QUICK_EVENTS:,} events, {QUICK_CUSTOMERS:,} customers, "
@@ -1461,6 +1604,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def git_state() -> dict[str, Any]:
+    """Commit and uncommitted changes of the checkout, so a result names the code it measured."""
+
+    def git(*argv: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip()
+
+    diff = git("diff", "HEAD")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty_files": len(git("status", "--porcelain").splitlines()),
+        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started_at = datetime.now(UTC)
     stamp = started_at.strftime("%Y%m%d-%H%M%S")
@@ -1484,6 +1647,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "sweep_prefill": args.sweep_prefill,
             "profile": args.profile,
             "seed": args.seed,
+            "faust_fetch_max_wait_ms": args.fetch_max_wait_ms or FAUST_FETCH_MAX_WAIT_MS,
+            "fetch_max_wait_patched": args.fetch_max_wait_ms is not None,
+            "git": git_state(),
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
         },
@@ -1545,6 +1711,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "latency" in args.phases and workers:
             c_rate = results["throughput"]["c_memberflow"]["events_per_s"] or 1000
             rate = args.latency_rate or c_rate / 2
+            floor = asyncio.run(
+                broker_floor(
+                    bench,
+                    rate,
+                    min(args.latency_seconds, 8.0),
+                    args.fetch_max_wait_ms or FAUST_FETCH_MAX_WAIT_MS,
+                )
+            )
             results["latency"] = asyncio.run(
                 latency_phase(
                     bench,
@@ -1556,6 +1730,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.customers,
                 )
             )
+            results["latency"]["broker_floor"] = floor
             results["worker_rss_kib_after_latency"] = [memory_kib(w.pid) for w in workers]
         stop_all(workers)
         workers = []

@@ -89,6 +89,8 @@ class CustomerState:
     deferred: dict[str, list[int]] = field(default_factory=dict)
     marketing_sent: list[int] = field(default_factory=list)  # last few marketing sends
     win_back_for: int | None = None  # last_purchase_at whose win-back is settled
+    below_since: int | None = None  # since when the customer misses its tier's entry rule
+    warned_for: int | None = None  # the below_since episode whose downgrade warning went out
 
     def copy(self) -> CustomerState:
         return CustomerState(
@@ -109,6 +111,8 @@ class CustomerState:
             deferred={key: list(v) for key, v in self.deferred.items()},
             marketing_sent=list(self.marketing_sent),
             win_back_for=self.win_back_for,
+            below_since=self.below_since,
+            warned_for=self.warned_for,
         )
 
     def window(self, now: int, window_days: int) -> tuple[int, int]:
@@ -144,6 +148,8 @@ class CustomerState:
             "d": self.deferred,
             "m": self.marketing_sent,
             "w": self.win_back_for,
+            "bs": self.below_since,
+            "wf": self.warned_for,
         }
         return json.dumps(doc, separators=(",", ":"), sort_keys=True)
 
@@ -170,6 +176,8 @@ class CustomerState:
             deferred=doc.get("d", {}),
             marketing_sent=doc.get("m", []),
             win_back_for=doc.get("w"),
+            below_since=doc.get("bs"),
+            warned_for=doc.get("wf"),
         )
 
 
@@ -281,7 +289,7 @@ def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: i
             entry[1] += 1
     expire(new, policy, now)
     effects = _settle_superseded(current, new, event.categories(), policy)
-    notifications = _tier_changes(current, new, policy, now, event)
+    notifications = evaluate_tier(new, policy, now, _event_cause(event))
     stage_change = _stage_after_purchase(new, previous_last, occurred, now, policy, event)
     gaps = tuple(
         (category, round((occurred - old[0]) / DAY))
@@ -451,8 +459,8 @@ def _apply_refund(
         bucket[1] -= amount
         bucket[0] -= 1 if whole else 0
     expire(new, policy, now)
-    # No downgrade here: tiers only go down through the downgrade policy (grace period).
-    return Decision(new)
+    # A refund never downgrades at once: it may start the grace period (tier_changes policy).
+    return Decision(new, notifications=evaluate_tier(new, policy, now, _event_cause(event)))
 
 
 def expire(state: CustomerState, policy: Policy, now: int) -> None:
@@ -480,53 +488,177 @@ def notification_id(customer_id: str, kind: str, rule: str, cause: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _tier_changes(
-    before: CustomerState, after: CustomerState, policy: Policy, now: int, event: Purchase
-) -> tuple[Notification, ...]:
-    orders, spend = after.window(now, policy.window_days)
-    target = qualifying_tier(policy, orders, spend)
-    if policy.tier_rank(target.name) <= policy.tier_rank(after.tier):
-        return ()
-    previous = after.tier
-    after.tier = target.name
-    after.tier_since = now
-    rule = f"tier.{target.name}.entry"
-    explanation: dict[str, Any] = {
-        "rule": rule,
-        "previous_tier": previous,
-        "new_tier": target.name,
-        "inputs": {
-            "window_orders": orders,
-            "window_spend": format_minor(spend),
-            "window_days": policy.window_days,
-            "evaluated_at": iso(now),
-        },
-        "thresholds": {
-            "min_window_orders": target.min_window_orders,
-            "min_window_spend": str(target.min_window_spend),
-            "currency": policy.base_currency,
-        },
-        "policy_version": policy.version,
+def _event_cause(event: InputEvent) -> Cause:
+    return Cause(kind="event", id=event.event_id)
+
+
+def _tier_inputs(policy: Policy, orders: int, spend: int, now: int) -> dict[str, Any]:
+    return {
+        "window_orders": orders,
+        "window_spend": format_minor(spend),
+        "window_days": policy.window_days,
+        "evaluated_at": iso(now),
     }
-    del before  # the previous state is only needed for symmetry with later rules
+
+
+def _thresholds(policy: Policy, tier: TierRule) -> dict[str, Any]:
+    return {
+        "min_window_orders": tier.min_window_orders,
+        "min_window_spend": str(tier.min_window_spend),
+        "currency": policy.base_currency,
+    }
+
+
+def tier_notification(
+    state: CustomerState,
+    kind: NotificationType,
+    rule: str,
+    cause: Cause,
+    at: int,
+    policy: Policy,
+    summary: str,
+    explanation: dict[str, Any],
+) -> Notification:
+    return Notification(
+        notification_id=notification_id(state.customer_id, kind, rule, cause.id),
+        type=kind,
+        customer_id=state.customer_id,
+        occurred_at=datetime.fromtimestamp(at, UTC),
+        cause=cause,
+        policy_version=policy.version,
+        summary=summary,
+        explanation={"rule": rule, **explanation, "policy_version": policy.version},
+    )
+
+
+def evaluate_tier(
+    state: CustomerState, policy: Policy, now: int, cause: Cause
+) -> tuple[Notification, ...]:
+    """Upgrade at once when a higher tier's entry rule is met; when the current tier's rule is
+    no longer met, start the grace period (the downgrade itself is a timer, rules.timeline)."""
+    orders, spend = state.window(now, policy.window_days)
+    target = qualifying_tier(policy, orders, spend)
+    current_rank, target_rank = policy.tier_rank(state.tier), policy.tier_rank(target.name)
+    if target_rank < current_rank:
+        if state.below_since is None:
+            state.below_since = now
+        return ()
+    state.below_since = None  # meets its tier again: the grace period is over
+    state.warned_for = None
+    if target_rank == current_rank:
+        return ()
+    previous = state.tier
+    state.tier = target.name
+    state.tier_since = now
+    rule = f"tier.{target.name}.entry"
     return (
-        Notification(
-            notification_id=notification_id(
-                after.customer_id, NotificationType.TIER_UPGRADED, rule, event.event_id
-            ),
-            type=NotificationType.TIER_UPGRADED,
-            customer_id=after.customer_id,
-            occurred_at=datetime.fromtimestamp(now, UTC),
-            cause=Cause(kind="event", id=event.event_id),
-            policy_version=policy.version,
+        tier_notification(
+            state,
+            NotificationType.TIER_UPGRADED,
+            rule,
+            cause,
+            now,
+            policy,
             summary=(
                 f"Upgraded from {previous} to {target.name}: {orders} orders and "
                 f"{format_minor(spend)} {policy.base_currency} in the last {policy.window_days} "
                 f"days meet {target.name}'s {target.min_window_orders} orders and "
                 f"{target.min_window_spend} {policy.base_currency}."
             ),
-            explanation=explanation,
+            explanation={
+                "previous_tier": previous,
+                "new_tier": target.name,
+                "inputs": _tier_inputs(policy, orders, spend, now),
+                "thresholds": _thresholds(policy, target),
+            },
         ),
+    )
+
+
+def downgrade_due(state: CustomerState, policy: Policy) -> int | None:
+    """When a customer below its tier's rule is downgraded, unless it recovers first."""
+    if state.below_since is None or policy.tier_rank(state.tier) == 0:
+        return None
+    changes = policy.tier_changes
+    return max(
+        state.below_since + changes.grace_days * DAY,
+        (state.tier_since or 0) + changes.min_days_in_tier * DAY,
+    )
+
+
+def downgrade_warning(state: CustomerState, policy: Policy, at: int, cause: Cause) -> Notification:
+    due = downgrade_due(state, policy)
+    assert due is not None
+    state.warned_for = state.below_since
+    tier = policy.tiers[policy.tier_rank(state.tier)]
+    orders, spend = state.window(at, policy.window_days)
+    missing_orders = max(0, tier.min_window_orders - orders)
+    missing_spend = max(0, minor(tier.min_window_spend) - spend)
+    return tier_notification(
+        state,
+        NotificationType.TIER_DOWNGRADE_WARNING,
+        f"tier.{tier.name}.warning",
+        cause,
+        at,
+        policy,
+        summary=(
+            f"Your {tier.name} status ends on {iso(due)} unless you reach "
+            f"{tier.min_window_orders} orders and {tier.min_window_spend} "
+            f"{policy.base_currency} in {policy.window_days} days (missing: {missing_orders} "
+            f"orders, {format_minor(missing_spend)} {policy.base_currency})."
+        ),
+        explanation={
+            "tier": tier.name,
+            "downgrade_at": iso(due),
+            "below_since": iso(state.below_since),
+            "inputs": _tier_inputs(policy, orders, spend, at),
+            "thresholds": _thresholds(policy, tier),
+            "missing": {"orders": missing_orders, "spend": format_minor(missing_spend)},
+            "grace_days": policy.tier_changes.grace_days,
+            "min_days_in_tier": policy.tier_changes.min_days_in_tier,
+        },
+    )
+
+
+def downgrade(state: CustomerState, policy: Policy, at: int, cause: Cause) -> Notification:
+    """The grace period is over and the customer still misses its tier: step down."""
+    orders, spend = state.window(at, policy.window_days)
+    qualifying = qualifying_tier(policy, orders, spend)
+    rank = policy.tier_rank(state.tier)
+    if policy.tier_changes.downgrade_to == "one_step":
+        new_rank = max(policy.tier_rank(qualifying.name), rank - 1)
+    else:
+        new_rank = policy.tier_rank(qualifying.name)
+    previous, below_since = state.tier, state.below_since
+    state.tier = policy.tiers[new_rank].name
+    state.tier_since = at
+    state.warned_for = None
+    # Still below the new tier too: a new grace period starts now.
+    state.below_since = at if policy.tier_rank(qualifying.name) < new_rank else None
+    old_rule = policy.tiers[rank]
+    return tier_notification(
+        state,
+        NotificationType.TIER_DOWNGRADED,
+        f"tier.{previous}.downgrade",
+        cause,
+        at,
+        policy,
+        summary=(
+            f"Downgraded from {previous} to {state.tier}: {orders} orders and "
+            f"{format_minor(spend)} {policy.base_currency} in the last {policy.window_days} days "
+            f"miss {previous}'s {old_rule.min_window_orders} orders and "
+            f"{old_rule.min_window_spend} {policy.base_currency} since {iso(below_since)}."
+        ),
+        explanation={
+            "previous_tier": previous,
+            "new_tier": state.tier,
+            "below_since": iso(below_since),
+            "inputs": _tier_inputs(policy, orders, spend, at),
+            "thresholds": _thresholds(policy, old_rule),
+            "downgrade_to": policy.tier_changes.downgrade_to,
+            "grace_days": policy.tier_changes.grace_days,
+            "min_days_in_tier": policy.tier_changes.min_days_in_tier,
+        },
     )
 
 

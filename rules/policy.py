@@ -29,6 +29,16 @@ class InputBounds(_Strict):
     max_future_skew_minutes: int = Field(10, ge=0)
 
 
+class TierChanges(_Strict):
+    """Hysteresis: upgrades at once, downgrades only after a grace period below the tier's
+    entry rule and a minimum time in the tier, announced `warning_days` before."""
+
+    grace_days: int = Field(30, ge=0)
+    min_days_in_tier: int = Field(90, ge=0)
+    warning_days: int = Field(14, ge=0)
+    downgrade_to: Literal["one_step", "qualifying"] = "one_step"
+
+
 class Lifecycle(_Strict):
     """Days without a purchase after which a customer is at risk, then churned."""
 
@@ -112,6 +122,7 @@ class Policy(_Strict):
     window_days: int = Field(365, ge=1, le=3650)
     input: InputBounds = Field(default_factory=lambda: InputBounds.model_validate({}))
     tiers: tuple[TierRule, ...] = Field(min_length=1)
+    tier_changes: TierChanges = Field(default_factory=lambda: TierChanges.model_validate({}))
     lifecycle: Lifecycle = Field(default_factory=lambda: Lifecycle.model_validate({}))
     repurchase: Repurchase = Field(default_factory=lambda: Repurchase.model_validate({}))
     win_back: WinBack | None = None

@@ -17,6 +17,10 @@ from rules.customer import (
     DAY,
     CustomerState,
     Stage,
+    downgrade,
+    downgrade_due,
+    downgrade_warning,
+    evaluate_tier,
     expire,
     iso,
     notification_id,
@@ -26,7 +30,13 @@ from rules.policy import Marketing, Policy, Promotion
 from streams.events import Cause, Notification, NotificationType
 
 # Fire order for timers due at the same second: state first (window, lifecycle), then messages.
-_KIND_ORDER = {"window_expiry": 0, "lifecycle": 1, "win_back": 2, "repurchase_reminder": 3}
+_KIND_ORDER = {
+    "window_expiry": 0,
+    "tier": 1,
+    "lifecycle": 2,
+    "win_back": 3,
+    "repurchase_reminder": 4,
+}
 MAX_FIRINGS = 10_000  # per advance() call; each firing settles or moves its timer forward
 
 
@@ -73,6 +83,31 @@ def pending_timers(
                 (oldest + policy.window_days) * DAY,
                 f"purchases of {_date(oldest * DAY)} leave the {policy.window_days}-day window",
                 oldest,
+            )
+        )
+    downgrade_at = downgrade_due(state, policy)
+    if downgrade_at is not None:
+        assert state.below_since is not None
+        warn_at = downgrade_at - policy.tier_changes.warning_days * DAY
+        if state.warned_for != state.below_since and warn_at < downgrade_at:
+            timers.append(
+                Timer(
+                    "tier",
+                    "tier_warning",
+                    max(warn_at, state.below_since),
+                    f"{state.tier} downgrade warning, "
+                    f"{policy.tier_changes.warning_days} days ahead",
+                    state.below_since,
+                )
+            )
+        timers.append(
+            Timer(
+                "tier",
+                "tier_downgrade",
+                downgrade_at,
+                f"below {state.tier}'s entry rule since {iso(state.below_since)}: downgrade after "
+                f"{policy.tier_changes.grace_days} days of grace",
+                state.below_since,
             )
         )
     last = state.last_purchase_at
@@ -176,7 +211,13 @@ def _fire(
     cause = Cause(kind="timer", id=f"{timer.key}@{timer.anchor}")
     if timer.kind == "window_expiry":
         expire(state, policy, timer.due)
+        # F and M just dropped: the tier may now be below its rule (starts the grace period).
+        evaluate_tier(state, policy, timer.due, cause)
         return "fired", None
+    if timer.kind == "tier":
+        if timer.key == "tier_warning":
+            return "fired", downgrade_warning(state, policy, timer.due, cause)
+        return "fired", downgrade(state, policy, timer.due, cause)
     if timer.kind == "lifecycle":
         to = Stage.AT_RISK if timer.key == "at_risk" else Stage.CHURNED
         days = (timer.due - timer.anchor) // DAY
@@ -200,6 +241,7 @@ def _fire(
             "win_back",
             policy.win_back.promotion,
             expires=None,
+            scheduled=timer.anchor + policy.win_back.after_days * DAY,
             details={
                 "last_purchase_at": iso(timer.anchor),
                 "after_days": policy.win_back.after_days,
@@ -220,6 +262,9 @@ def _fire(
         rule.promotion,
         # Past the expected repurchase (plus the lead again) a reminder no longer helps.
         expires=expected + rule.lead_days * DAY,
+        # The due time before any deferral, with the interval pending_timers() used (a
+        # learned one too: the configured one would mark an on-time reminder as deferred).
+        scheduled=timer.anchor + max(1, interval - rule.lead_days) * DAY,
         details={
             "category": category,
             "last_purchase_at": iso(timer.anchor),
@@ -241,6 +286,7 @@ def _marketing(
     rule: str,
     promotion: Promotion,
     expires: int | None,
+    scheduled: int,
     details: dict[str, Any],
     settle: Any,
 ) -> tuple[str, Notification | None]:
@@ -260,7 +306,6 @@ def _marketing(
         -policy.marketing.max_messages :
     ]
     valid_until = timer.due + promotion.valid_days * DAY
-    scheduled = _scheduled_due(timer, policy)
     explanation: dict[str, Any] = {
         "rule": rule,
         **details,
@@ -294,17 +339,6 @@ def _marketing(
 
 def _date(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).date().isoformat()
-
-
-def _scheduled_due(timer: Timer, policy: Policy) -> int:
-    """The due time before any deferral (for the explanation)."""
-    if timer.kind == "win_back":
-        assert policy.win_back is not None
-        return timer.anchor + policy.win_back.after_days * DAY
-    category = timer.key.split(":", 1)[1]
-    rule = policy.repurchase.categories[category]
-    # The learned interval may have moved since; the configured one is a fair record here.
-    return timer.anchor + max(1, rule.interval_days - rule.lead_days) * DAY
 
 
 def next_allowed(sent: list[int], marketing: Marketing, at: int) -> tuple[int, str]:

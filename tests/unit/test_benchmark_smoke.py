@@ -1,0 +1,130 @@
+"""Pure helpers of ops/benchmark.py: percentile math, rates, parsing, profile summary, targets.
+
+No services, no wall-clock assertions: the benchmark itself is run by hand (see its --help).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+OPS = Path(__file__).resolve().parents[2] / "ops"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ops_benchmark", OPS / "benchmark.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert bench.percentile([1, 2, 3, 4], 50) == 2.5
+    assert bench.percentile([1, 2, 3, 4], 0) == 1
+    assert bench.percentile([1, 2, 3, 4], 100) == 4
+    assert bench.percentile([7], 99) == 7
+    assert bench.percentile(list(range(1, 101)), 99) == pytest.approx(99.01)
+
+
+def test_percentile_does_not_depend_on_order() -> None:
+    values = [random.Random(3).uniform(0, 500) for _ in range(1000)]
+    shuffled = random.Random(4).sample(values, len(values))
+    for q in (50, 95, 99):
+        assert bench.percentile(values, q) == bench.percentile(shuffled, q)
+    assert bench.percentile(values, 50) <= bench.percentile(values, 95)
+    assert bench.percentile(values, 95) <= bench.percentile(values, 99)
+
+
+def test_percentile_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        bench.percentile([], 50)
+    with pytest.raises(ValueError):
+        bench.percentile([1.0], 101)
+
+
+def test_latency_summary() -> None:
+    summary = bench.latency_summary([10.0, 20.0, 30.0, 40.0])
+    assert summary["count"] == 4
+    assert summary["mean"] == 25.0
+    assert summary["p50"] == 25.0
+    assert summary["max"] == 40.0
+    assert bench.latency_summary([])["p99"] is None
+
+
+def test_throughput_counts_after_the_first_observation() -> None:
+    assert bench.throughput(2_000, 100.0, 202_000, 120.0) == 10_000
+    assert bench.throughput(500, 100.0, 500, 100.0) is None  # all in one batch
+    assert bench.throughput(0, 100.0, 10, 99.0) is None
+
+
+def test_parse_sizes() -> None:
+    assert bench.parse_sizes("10000,100000,1000000") == [10_000, 100_000, 1_000_000]
+    assert bench.parse_sizes("10k, 100K,1M,1_000") == [10_000, 100_000, 1_000_000, 1_000]
+    for bad in ("", "ten", "0", "-5"):
+        with pytest.raises(ValueError):
+            bench.parse_sizes(bad)
+
+
+def test_parse_probe_id() -> None:
+    assert bench.parse_probe_id("lat-20260101-p17-1767225600123456789") == pytest.approx(
+        1767225600.123456789
+    )
+    assert bench.parse_probe_id("lat-20260101-42") is None  # background event, no probe
+    assert bench.parse_probe_id("b7-12") is None
+
+
+def test_top_frames_from_collapsed_stacks() -> None:
+    lines = [
+        'process 1:"python";thread (0x1);run (asyncio/base_events.py);'
+        "process (memberflow/engine.py);apply (rules/customer.py) 30",
+        'process 1:"python";thread (0x1);run (asyncio/base_events.py);'
+        "process (memberflow/engine.py);loads (json/__init__.py) 10",
+        'process 1:"python";thread (0x1);select (selectors.py) 60',
+        "garbage line",
+    ]
+    summary = bench.top_frames(lines, limit=5)
+    assert summary["samples"] == 100
+    assert summary["self"][0] == {"frame": "select (selectors.py)", "samples": 60, "share": 0.6}
+    inclusive = {row["frame"]: row["samples"] for row in summary["inclusive"]}
+    assert inclusive["process (memberflow/engine.py)"] == 40
+    areas = {row["frame"]: row["share"] for row in summary["areas"]}
+    assert areas["rules (pure fold)"] == 0.3
+    assert areas["json"] == 0.1
+    assert bench.top_frames([])["samples"] == 0
+
+
+def test_check_targets() -> None:
+    results = {
+        "throughput": {
+            "a_take": {"events_per_s": 10_000},
+            "b_naive": {"events_per_s": 1_000},
+            "c_memberflow": {"events_per_s": 9_500},
+        },
+        "latency": {"applied": {"p99": 120.0}},
+        "memory": {"bytes_per_customer": 800.0},
+        "sweep": [
+            {"customers": 10_000, "events_per_s": 9_000},
+            {"customers": 1_000_000, "events_per_s": 7_000},
+        ],
+    }
+    verdicts = [check["pass"] for check in bench.check_targets(results)]
+    assert verdicts == [True, True, False, True, False]
+    assert [c["pass"] for c in bench.check_targets({})] == [None] * 5
+
+
+def test_format_table_aligns_numbers_right() -> None:
+    table = bench.format_table(["name", "rate"], [["a", "1,000"], ["bb", "20"]])
+    lines = table.splitlines()
+    assert lines[0].startswith("name")
+    assert lines[2].endswith("1,000")
+    assert lines[3].endswith("   20")

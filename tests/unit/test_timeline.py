@@ -1,0 +1,857 @@
+"""Time-driven behaviour, pure: timers derived from state, advance(), marketing gates.
+
+Every time is injected: nothing here reads a clock. T0 is 10:00 UTC (12:00 in Berlin), so
+timers that keep T0's time of day are outside the default quiet hours (21:00-08:00 Berlin)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memberflow.settings import default_rules_file
+from rules.customer import DAY, CustomerState, Decision, Stage, apply, epoch, iso
+from rules.policy import Marketing, Policy, parse_policy
+from rules.timeline import (
+    Advance,
+    Timer,
+    advance,
+    describe_pending,
+    learned_interval,
+    next_allowed,
+    next_due,
+    pending_timers,
+)
+from streams.events import Cause, Item, Notification, NotificationType, Purchase
+
+DEFAULT_TEXT = default_rules_file().read_text(encoding="utf-8")
+POLICY = parse_policy(DEFAULT_TEXT)
+VERSION = "2026.11-1"
+CUSTOMER = "cust-1"
+FORMULA = "infant_formula"
+T0 = epoch(datetime(2026, 6, 1, 10, 0, tzinfo=UTC))  # a Monday, 12:00 in Berlin
+LIFECYCLE = NotificationType.LIFECYCLE_CHANGED
+REMINDER = NotificationType.REPURCHASE_REMINDER
+WIN_BACK = NotificationType.WIN_BACK_OFFER
+THRESHOLDS = {"at_risk_after_days": 60, "churned_after_days": 180}
+
+
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> int:
+    return epoch(datetime(year, month, day, hour, minute, second, tzinfo=UTC))
+
+
+def policy_with(change: Callable[[dict[str, Any]], None]) -> Policy:
+    doc = yaml.safe_load(DEFAULT_TEXT)
+    change(doc)
+    return parse_policy(yaml.safe_dump(doc))
+
+
+def purchase(
+    event_id: str,
+    when: int,
+    categories: Sequence[str] = (FORMULA,),
+    amount: str = "10",
+    customer: str = CUSTOMER,
+) -> Purchase:
+    return Purchase(
+        event_id=event_id,
+        customer_id=customer,
+        occurred_at=datetime.fromtimestamp(when, UTC),
+        amount=Decimal(amount),
+        currency="EUR",
+        items=tuple(Item(sku=f"sku-{i}", category=c) for i, c in enumerate(categories)),
+    )
+
+
+def bought(state: CustomerState | None, event: Purchase, policy: Policy = POLICY) -> Decision:
+    """What the engine does with an event in `event` clock mode: bring the customer's timers
+    up to the event's time (they must all have fired), then apply it at that time."""
+    now = epoch(event.occurred_at)
+    if state is not None:
+        assert advance(state, policy, now).changed is False, "advance() before bought()"
+    decision = apply(state, event, policy, now)
+    assert decision.rejection is None and not decision.duplicate
+    assert decision.state is not None
+    return decision
+
+
+def moved(state: CustomerState, now: int, policy: Policy = POLICY, **kw: Any) -> Advance:
+    result = advance(state, policy, now, **kw)
+    # Idempotent: a second advance to the same time finds nothing to do.
+    again = advance(result.state, policy, now, **kw)
+    assert (again.changed, again.notifications, again.effects) == (False, (), ())
+    assert again.state is result.state
+    return result
+
+
+def kinds(notes: Sequence[Notification]) -> list[tuple[str, int]]:
+    return [(n.type.value, epoch(n.occurred_at)) for n in notes]
+
+
+def nid(kind: str, rule: str, cause: str, customer: str = CUSTOMER) -> str:
+    return hashlib.sha256(f"{customer}|{kind}|{rule}|{cause}".encode()).hexdigest()[:32]
+
+
+def first_formula(when: int = T0) -> CustomerState:
+    return bought(None, purchase("p1", when)).state  # type: ignore[return-value]
+
+
+# -- repurchase reminders --------------------------------------------------------------------
+
+
+def test_infant_formula_purchase_schedules_a_reminder_on_day_14() -> None:
+    decision = bought(None, purchase("p1", T0))
+    state = decision.state
+    assert state is not None
+    assert decision.effects == (("repurchase_reminder", "scheduled"),)
+    assert decision.gaps == ()
+    assert pending_timers(state, POLICY) == [
+        Timer(
+            "repurchase_reminder",
+            "reminder:infant_formula",
+            T0 + 14 * DAY,
+            "infant_formula is rebought every 21 days (configured): remind 7 days before",
+            T0,
+        ),
+        Timer(
+            "lifecycle", "at_risk", T0 + 60 * DAY, "at risk after 60 days without a purchase", T0
+        ),
+        Timer(
+            "win_back",
+            "win_back",
+            T0 + 120 * DAY,
+            "win-back offer after 120 days without a purchase",
+            T0,
+        ),
+        Timer(
+            "window_expiry",
+            "window",
+            utc(2027, 6, 1),
+            "purchases of 2026-06-01 leave the 365-day window",
+            T0 // DAY,
+        ),
+    ]
+    assert next_due(state, POLICY) == T0 + 14 * DAY
+    assert describe_pending(state, POLICY)[0] == {
+        "kind": "repurchase_reminder",
+        "key": "reminder:infant_formula",
+        "due_at": "2026-06-15T10:00:00Z",
+        "why": "infant_formula is rebought every 21 days (configured): remind 7 days before",
+        "deferred": False,
+    }
+
+    early = moved(state, T0 + 14 * DAY - 1)
+    assert (early.changed, early.state) == (False, state)
+    on_time = moved(state, T0 + 14 * DAY)
+    assert on_time.effects == (("repurchase_reminder", "fired"),)
+    assert kinds(on_time.notifications) == [("repurchase_reminder", T0 + 14 * DAY)]
+    assert [t.key for t in on_time.fired] == ["reminder:infant_formula"]
+    assert on_time.state.reminded == {FORMULA: T0}
+    assert on_time.state.marketing_sent == [T0 + 14 * DAY]
+    assert next_due(on_time.state, POLICY) == T0 + 60 * DAY  # no second reminder
+    assert state.reminded == {}  # advance() does not mutate its input
+
+
+def test_category_without_a_cycle_schedules_no_reminder() -> None:
+    decision = bought(None, purchase("p1", T0, ["toys"]))
+    assert decision.effects == ()
+    assert decision.state is not None
+    assert [t.kind for t in pending_timers(decision.state, POLICY)] == [
+        "lifecycle",
+        "win_back",
+        "window_expiry",
+    ]
+
+
+def test_purchase_in_the_category_before_the_reminder_reschedules_it() -> None:
+    state = first_formula()
+    decision = bought(state, purchase("p2", T0 + 10 * DAY))
+    assert decision.effects == (
+        ("repurchase_reminder", "scheduled"),
+        ("repurchase_reminder", "rescheduled"),
+    )
+    assert decision.gaps == ((FORMULA, 10),)
+    assert decision.state is not None
+    state = decision.state
+    assert pending_timers(state, POLICY)[0].due == T0 + 24 * DAY
+
+    assert moved(state, T0 + 24 * DAY - 1).changed is False  # nothing on day 14
+    fired = moved(state, T0 + 24 * DAY)
+    assert kinds(fired.notifications) == [("repurchase_reminder", T0 + 24 * DAY)]
+    note = fired.notifications[0]
+    assert note.cause == Cause(kind="timer", id=f"reminder:infant_formula@{T0 + 10 * DAY}")
+    assert note.explanation["last_purchase_at"] == iso(T0 + 10 * DAY)
+
+
+def test_late_older_purchase_in_the_category_moves_nothing() -> None:
+    state = first_formula(T0 + 5 * DAY)
+    decision = bought(state, purchase("p0", T0))
+    assert decision.effects == ()  # the cycle still follows the newest purchase
+    assert decision.gaps == ()
+    assert decision.state is not None
+    assert pending_timers(decision.state, POLICY)[0].due == T0 + 19 * DAY
+
+
+def test_purchase_after_the_reminder_was_sent_only_schedules_the_next() -> None:
+    state = moved(first_formula(), T0 + 15 * DAY).state
+    decision = bought(state, purchase("p2", T0 + 15 * DAY))
+    assert decision.effects == (("repurchase_reminder", "scheduled"),)
+    assert decision.state is not None
+    assert pending_timers(decision.state, POLICY)[0].due == T0 + 29 * DAY
+
+
+def test_reminder_carries_the_promotion_and_a_deterministic_id() -> None:
+    sent = T0 + 14 * DAY
+    result = moved(first_formula(), sent)
+    (note,) = result.notifications
+    cause = f"reminder:infant_formula@{T0}"
+    assert note == Notification(
+        notification_id=nid("repurchase_reminder", "repurchase.infant_formula", cause),
+        type=REMINDER,
+        customer_id=CUSTOMER,
+        occurred_at=datetime.fromtimestamp(sent, UTC),
+        cause=Cause(kind="timer", id=cause),
+        policy_version=VERSION,
+        summary="20 % off everything else this week (valid until 2026-06-22): infant_formula "
+        "is due again around 2026-06-22",
+        explanation={
+            "rule": "repurchase.infant_formula",
+            "category": FORMULA,
+            "last_purchase_at": "2026-06-01T10:00:00Z",
+            "interval_days": 21,
+            "interval_source": "configured",
+            "lead_days": 7,
+            "expected_repurchase_at": "2026-06-22T10:00:00Z",
+            "scheduled_for": "2026-06-15T10:00:00Z",
+            "sent_at": "2026-06-15T10:00:00Z",
+            "deferred": False,
+            "promotion": {
+                "description": "20 % off everything else this week",
+                "discount_percent": "20",
+                "applies_to": "other_categories",
+                "valid_until": iso(sent + 7 * DAY),
+            },
+            "policy_version": VERSION,
+        },
+    )
+    # The same decision again (a replay, a redelivery) is the same notification.
+    assert moved(first_formula(), T0 + 20 * DAY).notifications == (note,)
+    other = bought(None, purchase("p1", T0, customer="cust-2")).state
+    assert other is not None
+    (theirs,) = moved(other, sent).notifications
+    assert theirs.notification_id == nid(
+        "repurchase_reminder", "repurchase.infant_formula", cause, customer="cust-2"
+    )
+    assert theirs.notification_id != note.notification_id
+
+
+def test_learned_interval_moves_the_reminder_and_is_explained() -> None:
+    state = bought(None, purchase("d1", T0, ["diapers"])).state
+    assert state is not None
+    assert pending_timers(state, POLICY)[0].due == T0 + 25 * DAY  # 30 configured - 5 lead
+    learned = {"diapers": 20}
+    assert pending_timers(state, POLICY, learned)[0].due == T0 + 15 * DAY
+    (note,) = moved(state, T0 + 15 * DAY, learned=learned).notifications
+    assert note.explanation["interval_days"] == 20
+    assert note.explanation["interval_source"] == "learned"
+    assert note.explanation["expected_repurchase_at"] == iso(T0 + 20 * DAY)
+    # Sent when it was due: not reported as deferred, scheduled for when it went out.
+    assert note.explanation["scheduled_for"] == note.explanation["sent_at"] == iso(T0 + 15 * DAY)
+    assert note.explanation["deferred"] is False
+    # infant_formula does not learn: a learned value for it is ignored.
+    formula = first_formula()
+    assert pending_timers(formula, POLICY, {FORMULA: 3})[0].due == T0 + 14 * DAY
+
+
+# -- quiet hours -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bought_at", "deferred_to"),
+    [
+        # Summer (CEST, UTC+2): 22:30 Berlin is 20:30 UTC; 08:00 Berlin is 06:00 UTC.
+        (utc(2026, 6, 1, 20, 30), utc(2026, 6, 16, 6, 0)),
+        # Winter (CET, UTC+1): 22:30 Berlin is 21:30 UTC; 08:00 Berlin is 07:00 UTC.
+        (utc(2026, 1, 5, 21, 30), utc(2026, 1, 20, 7, 0)),
+        # 03:00 Berlin: deferred to 08:00 the same morning.
+        (utc(2026, 6, 1, 1, 0), utc(2026, 6, 15, 6, 0)),
+    ],
+    ids=["summer-evening", "winter-evening", "after-midnight"],
+)
+def test_reminder_in_quiet_hours_is_deferred_to_the_morning_then_sent(
+    bought_at: int, deferred_to: int
+) -> None:
+    due = bought_at + 14 * DAY
+    state = first_formula(bought_at)
+
+    held = moved(state, due)
+    assert held.effects == (("repurchase_reminder", "deferred_quiet_hours"),)
+    assert held.notifications == ()
+    assert held.state.deferred == {"reminder:infant_formula": [bought_at, deferred_to]}
+    assert held.state.reminded == {}
+    assert held.state.marketing_sent == []
+    assert next_due(held.state, POLICY) == deferred_to
+    pending = describe_pending(held.state, POLICY)[0]
+    assert (pending["due_at"], pending["deferred"]) == (iso(deferred_to), True)
+    assert moved(held.state, deferred_to - 1).changed is False
+
+    sent = moved(held.state, deferred_to)
+    assert sent.effects == (("repurchase_reminder", "fired"),)
+    (note,) = sent.notifications
+    assert note.occurred_at == datetime.fromtimestamp(deferred_to, UTC)
+    assert note.explanation["deferred"] is True
+    assert note.explanation["scheduled_for"] == iso(due)
+    assert note.explanation["sent_at"] == iso(deferred_to)
+    assert note.explanation["promotion"]["valid_until"] == iso(deferred_to + 7 * DAY)
+    assert sent.state.deferred == {}
+    assert sent.state.reminded == {FORMULA: bought_at}
+    assert sent.state.marketing_sent == [deferred_to]
+
+    # One advance over the whole span does the same, firing each step at its own time.
+    straight = moved(state, deferred_to + DAY)
+    assert straight.effects == (
+        ("repurchase_reminder", "deferred_quiet_hours"),
+        ("repurchase_reminder", "fired"),
+    )
+    assert straight.notifications == (note,)
+    assert straight.state.to_json() == sent.state.to_json()
+
+
+BERLIN = Marketing(timezone="Europe/Berlin", quiet_hours={"start_hour": 21, "end_hour": 8})
+
+
+@pytest.mark.parametrize(
+    ("at", "allowed", "gate"),
+    [
+        (utc(2026, 6, 15, 18, 59, 59), utc(2026, 6, 15, 18, 59, 59), ""),  # 20:59:59 Berlin
+        (utc(2026, 6, 15, 19, 0), utc(2026, 6, 16, 6, 0), "quiet_hours"),  # 21:00
+        (utc(2026, 6, 15, 21, 59, 59), utc(2026, 6, 16, 6, 0), "quiet_hours"),  # 23:59:59
+        (utc(2026, 6, 15, 22, 0), utc(2026, 6, 16, 6, 0), "quiet_hours"),  # 00:00
+        (utc(2026, 6, 16, 5, 59, 59), utc(2026, 6, 16, 6, 0), "quiet_hours"),  # 07:59:59
+        (utc(2026, 6, 16, 6, 0), utc(2026, 6, 16, 6, 0), ""),  # 08:00
+        # The night the clocks go forward (29 March 2026, 02:00 -> 03:00): 08:00 CEST.
+        (utc(2026, 3, 28, 21, 0), utc(2026, 3, 29, 6, 0), "quiet_hours"),
+        # The night they go back (25 October 2026): 08:00 CET.
+        (utc(2026, 10, 24, 20, 0), utc(2026, 10, 25, 7, 0), "quiet_hours"),
+    ],
+)
+def test_next_allowed_quiet_hours_in_the_policy_time_zone(at: int, allowed: int, gate: str) -> None:
+    assert next_allowed([], BERLIN, at) == (allowed, gate)
+
+
+def test_quiet_hours_that_do_not_wrap_midnight() -> None:
+    marketing = Marketing(timezone="UTC", quiet_hours={"start_hour": 1, "end_hour": 5})
+    day = utc(2026, 6, 15)
+    assert next_allowed([], marketing, day + 3600 - 1) == (day + 3600 - 1, "")
+    assert next_allowed([], marketing, day + 3600) == (day + 5 * 3600, "quiet_hours")
+    assert next_allowed([], marketing, day + 5 * 3600) == (day + 5 * 3600, "")
+    assert next_allowed([], Marketing(), day + 3600) == (day + 3600, "")  # no quiet hours
+
+
+# -- frequency cap ---------------------------------------------------------------------------
+
+
+def test_frequency_cap_defers_a_third_message_to_the_oldest_plus_seven_days() -> None:
+    state = first_formula()
+    due = T0 + 14 * DAY
+    capped = state.copy()
+    capped.marketing_sent = [due - 6 * DAY, due - 2 * DAY]
+
+    held = moved(capped, due)
+    assert held.effects == (("repurchase_reminder", "deferred_cap"),)
+    assert held.notifications == ()
+    assert held.state.deferred == {"reminder:infant_formula": [T0, due + DAY]}
+    assert moved(held.state, due + DAY - 1).changed is False
+    sent = moved(held.state, due + DAY)
+    (note,) = sent.notifications
+    assert note.occurred_at == datetime.fromtimestamp(due + DAY, UTC)
+    assert note.explanation["deferred"] is True
+    assert sent.state.marketing_sent == [due - 2 * DAY, due + DAY]  # the last max_messages
+
+    # Messages at least 7 days old do not count.
+    assert moved(capped, due).effects != moved(_sent_at(state, due - 7 * DAY), due).effects
+    aged = moved(_sent_at(state, due - 7 * DAY, due - 2 * DAY), due)
+    assert aged.effects == (("repurchase_reminder", "fired"),)
+    # One recent message is below the cap of two.
+    assert moved(_sent_at(state, due - DAY), due).effects == (("repurchase_reminder", "fired"),)
+
+
+def _sent_at(state: CustomerState, *times: int) -> CustomerState:
+    out = state.copy()
+    out.marketing_sent = list(times)
+    return out
+
+
+def test_next_allowed_cap_then_quiet_hours() -> None:
+    marketing = BERLIN
+    at = utc(2026, 6, 15, 10)
+    # The cap frees a slot at 21:30 Berlin, inside quiet hours: 08:00 the next morning.
+    sent = [utc(2026, 6, 8, 19, 30), utc(2026, 6, 12, 10)]
+    assert next_allowed(sent, marketing, at) == (utc(2026, 6, 16, 6), "cap")
+    assert next_allowed(sent[1:], marketing, at) == (at, "")
+
+
+def test_two_reminders_due_together_share_a_cap_of_one() -> None:
+    policy = policy_with(lambda d: d["marketing"].update(max_messages=1))
+    # Diapers bought 11 days earlier: both reminders are due on day 14.
+    state = bought(None, purchase("d1", T0 - 11 * DAY, ["diapers"]), policy).state
+    state = bought(state, purchase("f1", T0), policy).state
+    assert state is not None
+    result = moved(state, T0 + 30 * DAY, policy)
+    assert result.effects == (
+        ("repurchase_reminder", "fired"),  # reminder:diapers sorts first
+        ("repurchase_reminder", "deferred_cap"),
+        ("repurchase_reminder", "fired"),
+    )
+    assert [(n.explanation["category"], epoch(n.occurred_at)) for n in result.notifications] == [
+        ("diapers", T0 + 14 * DAY),
+        (FORMULA, T0 + 21 * DAY),  # one per 7 days
+    ]
+
+
+# -- deferred reminders: cancelled by a purchase, or once too late ---------------------------
+
+
+def test_deferred_reminder_is_cancelled_by_a_purchase_in_the_category() -> None:
+    bought_at = utc(2026, 6, 1, 20, 30)  # due 22:30 Berlin: deferred to 08:00
+    held = moved(first_formula(bought_at), bought_at + 14 * DAY + 3600)
+    assert held.effects == (("repurchase_reminder", "deferred_quiet_hours"),)
+    again = bought_at + 14 * DAY + 3600  # 23:30 Berlin, while the reminder waits
+    decision = bought(held.state, purchase("p2", again))
+    assert decision.effects == (
+        ("repurchase_reminder", "scheduled"),
+        ("repurchase_reminder", "cancelled"),
+    )
+    state = decision.state
+    assert state is not None
+    assert state.deferred == {}
+    assert state.reminded == {}
+    assert [t.due for t in pending_timers(state, POLICY) if t.kind == "repurchase_reminder"] == [
+        again + 14 * DAY
+    ]
+    # Nothing the next morning; the new cycle's reminder later (it too in quiet hours).
+    assert moved(state, again + 14 * DAY - 1).changed is False
+    result = moved(state, again + 15 * DAY)
+    assert [n.cause.id for n in result.notifications] == [f"reminder:infant_formula@{again}"]
+
+
+def test_deferred_win_back_is_dropped_by_a_new_purchase() -> None:
+    bought_at = utc(2026, 6, 1, 20, 30)  # win-back due 22:30 Berlin: deferred
+    state = first_formula(bought_at)
+    state.reminded[FORMULA] = bought_at  # keep the reminder out of the way
+    held = moved(state, bought_at + 120 * DAY + 60)
+    assert held.state.deferred == {"win_back": [bought_at, utc(2026, 9, 30, 6)]}
+    decision = bought(held.state, purchase("p2", bought_at + 120 * DAY + 60, ["toys"]))
+    assert decision.state is not None
+    assert decision.state.deferred == {}
+    assert [t.due for t in pending_timers(decision.state, POLICY) if t.kind == "win_back"] == [
+        bought_at + 240 * DAY + 60
+    ]
+
+
+@pytest.mark.parametrize(
+    ("until", "effects"),
+    [
+        # expected repurchase (day 21) + lead (7 days) = day 28: too late from then on
+        (T0 + 28 * DAY, ("cancelled",)),
+        (T0 + 28 * DAY - 1, ("fired",)),
+    ],
+    ids=["at-expiry", "just-before"],
+)
+def test_reminder_deferred_past_expected_repurchase_plus_lead_is_cancelled(
+    until: int, effects: tuple[str, ...]
+) -> None:
+    policy = policy_with(lambda d: d["marketing"].update(per_days=30))
+    state = bought(None, purchase("p1", T0), policy).state
+    assert state is not None
+    # Two messages whose 30-day cap ends exactly at `until`.
+    state.marketing_sent = [until - 30 * DAY, until - 30 * DAY + 60]
+    held = moved(state, T0 + 14 * DAY, policy)
+    assert held.effects == (("repurchase_reminder", "deferred_cap"),)
+    assert held.state.deferred == {"reminder:infant_formula": [T0, until]}
+    result = moved(held.state, until, policy)
+    assert result.effects == tuple(("repurchase_reminder", e) for e in effects)
+    assert result.state.deferred == {}
+    assert result.state.reminded == {FORMULA: T0}  # settled either way: no retry
+    if effects == ("cancelled",):
+        assert result.notifications == ()
+        assert result.state.marketing_sent == state.marketing_sent
+    else:
+        assert kinds(result.notifications) == [("repurchase_reminder", until)]
+    assert "reminder:infant_formula" not in [t.key for t in pending_timers(result.state, policy)]
+
+
+# -- the window ------------------------------------------------------------------------------
+
+
+def test_window_expiry_drops_the_oldest_bucket_exactly_at_day_plus_window() -> None:
+    day = T0 // DAY
+    state = bought(None, purchase("p1", T0, ["toys"], "100")).state
+    state = bought(state, purchase("p2", T0 + 3 * DAY, ["toys"], "30")).state
+    assert state is not None
+    state.win_back_for = state.last_purchase_at  # only the window and lifecycle are left
+    expiry = (day + 365) * DAY
+    assert [t.due for t in pending_timers(state, POLICY) if t.kind == "window_expiry"] == [expiry]
+
+    before = moved(state, expiry - 1)
+    assert before.state.buckets == {day: [1, 10000], day + 3: [1, 3000]}
+    assert before.state.window(expiry - 1, 365) == (2, 13000)
+    after = moved(before.state, expiry)
+    assert after.effects == (("window_expiry", "fired"),)
+    assert after.notifications == ()
+    assert after.state.buckets == {day + 3: [1, 3000]}
+    assert after.state.window(expiry, 365) == (1, 3000)
+    assert (after.state.lifetime_orders, after.state.lifetime_spend) == (2, 13000)
+    assert next_due(after.state, POLICY) == (day + 3 + 365) * DAY
+    last = moved(after.state, (day + 3 + 365) * DAY)
+    assert last.state.buckets == {}
+    assert pending_timers(last.state, POLICY) == []  # churned, nothing in the window
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+
+
+def lifecycle_note(
+    previous: str,
+    new: str,
+    at: int,
+    cause: Cause,
+    reason: str,
+    inputs: dict[str, Any],
+    customer: str = CUSTOMER,
+) -> Notification:
+    return Notification(
+        notification_id=nid("lifecycle_changed", f"lifecycle.{new}", cause.id, customer),
+        type=LIFECYCLE,
+        customer_id=customer,
+        occurred_at=datetime.fromtimestamp(at, UTC),
+        cause=cause,
+        policy_version=VERSION,
+        summary=f"Lifecycle {previous} -> {new}: {reason}.",
+        explanation={
+            "rule": f"lifecycle.{new}",
+            "previous_stage": previous,
+            "new_stage": new,
+            "reason": reason,
+            "inputs": inputs,
+            "thresholds": THRESHOLDS,
+            "policy_version": VERSION,
+        },
+    )
+
+
+def lapse_note(previous: str, new: str, last: int, days: int) -> Notification:
+    return lifecycle_note(
+        previous,
+        new,
+        last + days * DAY,
+        Cause(kind="timer", id=f"{new}@{last}"),
+        f"no purchase for {days} days",
+        {"last_purchase_at": iso(last), "days_without_purchase": days},
+    )
+
+
+def purchase_note(previous: str, new: str, reason: str, at: int, orders: int, prior: int | None):
+    return lifecycle_note(
+        previous,
+        new,
+        at,
+        Cause(kind="event", id=f"e{orders}"),
+        reason,
+        {"lifetime_orders": orders, "purchase_at": iso(at), "previous_purchase_at": iso(prior)},
+    )
+
+
+def lifecycle_only(notes: Sequence[Notification]) -> list[Notification]:
+    return [n for n in notes if n.type is LIFECYCLE]
+
+
+def toys(state: CustomerState | None, orders: int, at: int) -> Decision:
+    return bought(state, purchase(f"e{orders}", at, ["toys"]))
+
+
+def test_first_and_repeat_purchases_move_potential_to_new_to_active() -> None:
+    first = toys(None, 1, T0)
+    assert first.notifications == (
+        purchase_note("potential", "new", "first purchase", T0, 1, None),
+    )
+    assert first.state is not None
+    assert (first.state.stage, first.state.stage_since) == (Stage.NEW, T0)
+    second = toys(first.state, 2, T0 + DAY)
+    assert second.notifications == (
+        purchase_note("new", "active", "repeat purchase", T0 + DAY, 2, T0),
+    )
+    assert second.state is not None
+    assert (second.state.stage, second.state.stage_since) == ("active", T0 + DAY)
+    third = toys(second.state, 3, T0 + 2 * DAY)
+    assert third.notifications == ()
+    assert third.state is not None
+    assert (third.state.stage, third.state.stage_since) == ("active", T0 + DAY)
+
+
+def test_lapse_to_at_risk_and_churned_at_exact_days_then_reactivated() -> None:
+    state = toys(None, 1, T0).state
+    assert state is not None
+    assert moved(state, T0 + 60 * DAY - 1).changed is False
+    at_risk = moved(state, T0 + 60 * DAY)
+    assert at_risk.notifications == (lapse_note("new", "at_risk", T0, 60),)
+    assert (at_risk.state.stage, at_risk.state.stage_since) == ("at_risk", T0 + 60 * DAY)
+    assert next_due(at_risk.state, POLICY) == T0 + 120 * DAY  # the win-back comes first
+    assert [t.due for t in pending_timers(at_risk.state, POLICY) if t.kind == "lifecycle"] == [
+        T0 + 180 * DAY
+    ]
+
+    churned = moved(at_risk.state, T0 + 180 * DAY)
+    assert lifecycle_only(churned.notifications) == [lapse_note("at_risk", "churned", T0, 180)]
+    assert (churned.state.stage, churned.state.stage_since) == ("churned", T0 + 180 * DAY)
+    assert [t.kind for t in pending_timers(churned.state, POLICY)] == ["window_expiry"]
+
+    back = T0 + 200 * DAY
+    decision = toys(churned.state, 2, back)
+    assert decision.notifications == (
+        purchase_note("churned", "reactivated", "purchased again after churning", back, 2, T0),
+    )
+    state = decision.state
+    assert state is not None
+    assert (state.stage, state.stage_since) == ("reactivated", back)
+    # Reactivated customers lapse like anyone else, and a repeat makes them active.
+    lapsed = moved(state, back + 60 * DAY)
+    assert lapsed.notifications == (lapse_note("reactivated", "at_risk", back, 60),)
+    active = toys(moved(state, back + DAY).state, 3, back + DAY)
+    assert active.notifications == (
+        purchase_note("reactivated", "active", "repeat purchase", back + DAY, 3, back),
+    )
+
+
+def test_purchase_while_at_risk_makes_the_customer_active() -> None:
+    state = moved(toys(None, 1, T0).state, T0 + 70 * DAY).state  # type: ignore[arg-type]
+    assert state.stage == "at_risk"
+    decision = toys(state, 2, T0 + 70 * DAY)
+    assert decision.notifications == (
+        purchase_note("at_risk", "active", "purchased again while at risk", T0 + 70 * DAY, 2, T0),
+    )
+    assert decision.state is not None
+    assert (decision.state.stage, decision.state.stage_since) == ("active", T0 + 70 * DAY)
+    assert [t.due for t in pending_timers(decision.state, POLICY) if t.kind == "lifecycle"] == [
+        T0 + 130 * DAY
+    ]
+
+
+def test_late_older_purchase_while_at_risk_changes_counts_not_the_stage() -> None:
+    state = moved(toys(None, 1, T0).state, T0 + 70 * DAY).state  # type: ignore[arg-type]
+    decision = apply(state, purchase("late", T0 - DAY, ["toys"]), POLICY, T0 + 70 * DAY)
+    assert decision.notifications == ()
+    assert decision.state is not None
+    assert (decision.state.stage, decision.state.lifetime_orders) == ("at_risk", 2)
+    assert decision.state.last_purchase_at == T0
+
+
+def test_every_timer_of_one_purchase_over_a_year() -> None:
+    result = moved(first_formula(), T0 + 400 * DAY)
+    assert result.effects == (
+        ("repurchase_reminder", "fired"),
+        ("lifecycle", "fired"),
+        ("win_back", "fired"),
+        ("lifecycle", "fired"),
+        ("window_expiry", "fired"),
+    )
+    assert kinds(result.notifications) == [
+        ("repurchase_reminder", T0 + 14 * DAY),
+        ("lifecycle_changed", T0 + 60 * DAY),
+        ("win_back_offer", T0 + 120 * DAY),
+        ("lifecycle_changed", T0 + 180 * DAY),
+    ]
+    assert [t.due for t in result.fired] == [
+        T0 + 14 * DAY,
+        T0 + 60 * DAY,
+        T0 + 120 * DAY,
+        T0 + 180 * DAY,
+        utc(2027, 6, 1),
+    ]
+    assert pending_timers(result.state, POLICY) == []
+
+
+# -- win-back --------------------------------------------------------------------------------
+
+
+def test_win_back_fires_once_per_lapse() -> None:
+    state = toys(None, 1, T0).state
+    assert state is not None
+    first = moved(state, T0 + 119 * DAY)
+    assert [n.type for n in first.notifications] == [LIFECYCLE]
+    lapse = moved(first.state, T0 + 120 * DAY)
+    (offer,) = lapse.notifications
+    cause = f"win_back@{T0}"
+    assert offer == Notification(
+        notification_id=nid("win_back_offer", "win_back", cause),
+        type=WIN_BACK,
+        customer_id=CUSTOMER,
+        occurred_at=datetime.fromtimestamp(T0 + 120 * DAY, UTC),
+        cause=Cause(kind="timer", id=cause),
+        policy_version=VERSION,
+        summary="15 % off your next order (valid until 2026-10-13)",
+        explanation={
+            "rule": "win_back",
+            "last_purchase_at": iso(T0),
+            "after_days": 120,
+            "scheduled_for": iso(T0 + 120 * DAY),
+            "sent_at": iso(T0 + 120 * DAY),
+            "deferred": False,
+            "promotion": {
+                "description": "15 % off your next order",
+                "discount_percent": "15",
+                "applies_to": "all",
+                "valid_until": iso(T0 + 134 * DAY),
+            },
+            "policy_version": VERSION,
+        },
+    )
+    assert lapse.state.win_back_for == T0
+    # Not again without a new purchase, however long it lasts.
+    quiet = moved(lapse.state, T0 + 1000 * DAY)
+    assert WIN_BACK not in [n.type for n in quiet.notifications]
+
+    # A new purchase starts a new lapse: one more offer, 120 days after it.
+    back = T0 + 1000 * DAY
+    state = toys(quiet.state, 2, back).state
+    assert state is not None
+    second = moved(state, back + 2000 * DAY)
+    offers = [n for n in second.notifications if n.type is WIN_BACK]
+    assert [(epoch(n.occurred_at), n.cause.id) for n in offers] == [
+        (back + 120 * DAY, f"win_back@{back}")
+    ]
+    assert offers[0].notification_id != offer.notification_id
+
+
+def test_purchase_before_the_win_back_moves_it() -> None:
+    state = toys(None, 1, T0).state
+    state = toys(moved(state, T0 + 100 * DAY).state, 2, T0 + 100 * DAY).state  # type: ignore[arg-type]
+    assert state is not None
+    result = moved(state, T0 + 300 * DAY)
+    offers = [epoch(n.occurred_at) for n in result.notifications if n.type is WIN_BACK]
+    assert offers == [T0 + 220 * DAY]
+
+
+# -- advance(): idempotent and the same in one step or many ----------------------------------
+
+CATEGORIES = [FORMULA, "diapers", "toys"]
+
+
+@st.composite
+def customers(draw: st.DrawFn) -> tuple[CustomerState, dict[str, int], int]:
+    """A customer after a random purchase history, folded the way the engine does it."""
+    start = draw(st.integers(min_value=utc(2025, 1, 1), max_value=utc(2027, 1, 1)))
+    gaps = st.one_of(
+        st.integers(min_value=0, max_value=3 * DAY),  # bursts: the cap and quiet hours
+        st.integers(min_value=0, max_value=200 * DAY),  # lapses: lifecycle and win-back
+    )
+    learned = draw(st.dictionaries(st.just("diapers"), st.integers(min_value=6, max_value=60)))
+    state: CustomerState | None = None
+    now = start
+    for index in range(draw(st.integers(min_value=1, max_value=12))):
+        now += draw(gaps)
+        if state is not None:
+            state = advance(state, POLICY, now, learned).state
+        event = purchase(f"o{index}", now, draw(st.lists(st.sampled_from(CATEGORIES), max_size=2)))
+        decision = apply(state, event, POLICY, now)
+        assert decision.state is not None
+        state = decision.state
+    assert state is not None
+    return state, learned, now
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    customer=customers(),
+    first=st.integers(min_value=-30 * DAY, max_value=700 * DAY),
+    second=st.integers(min_value=0, max_value=700 * DAY),
+)
+def test_advance_in_steps_equals_advance_at_once_and_is_idempotent(
+    customer: tuple[CustomerState, dict[str, int], int], first: int, second: int
+) -> None:
+    state, learned, last = customer
+    t1, t2 = last + first, last + first + second
+    before = state.to_json()
+    straight = advance(state, POLICY, t2, learned)
+    step1 = advance(state, POLICY, t1, learned)
+    step2 = advance(step1.state, POLICY, t2, learned)
+    assert state.to_json() == before  # the input is never mutated
+    assert step2.state.to_json() == straight.state.to_json()
+    assert step1.notifications + step2.notifications == straight.notifications
+    assert step1.effects + step2.effects == straight.effects
+    assert step1.fired + step2.fired == straight.fired
+    # Every timer fired at its own due time, in order, and none is left due.
+    dues = [t.due for t in straight.fired]
+    assert dues == sorted(dues)
+    assert all(t.due <= t2 for t in straight.fired)
+    assert all(t.due > t2 for t in pending_timers(straight.state, POLICY, learned))
+    for note in straight.notifications:
+        assert epoch(note.occurred_at) <= t2
+    ids = [n.notification_id for n in straight.notifications]
+    assert len(ids) == len(set(ids))
+    # Idempotent.
+    again = advance(straight.state, POLICY, t2, learned)
+    assert (again.changed, again.notifications, again.effects) == (False, (), ())
+    assert again.state.to_json() == straight.state.to_json()
+    # The frequency cap holds for what was sent.
+    sent = sorted(
+        epoch(n.occurred_at) for n in straight.notifications if n.type in (REMINDER, WIN_BACK)
+    )
+    for index in range(2, len(sent)):
+        assert sent[index] - sent[index - 2] >= 7 * DAY
+
+
+# -- learned intervals -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("histogram", "min_samples", "expected"),
+    [
+        ({}, 1, None),
+        ({21: 1}, 1, 21),
+        ({21: 1}, 2, None),
+        ({10: 1, 30: 1}, 2, 10),  # an even count takes the lower middle
+        ({10: 1, 20: 1, 30: 1}, 3, 20),
+        ({30: 5, 10: 1, 20: 1}, 7, 30),  # unordered keys, weighted by count
+        ({14: 29}, 30, None),
+        ({14: 30}, 30, 14),
+        ({0: 3}, 1, 1),  # never below one day
+    ],
+)
+def test_learned_interval_is_the_median_once_there_are_enough_samples(
+    histogram: dict[int, int], min_samples: int, expected: int | None
+) -> None:
+    assert learned_interval(histogram, min_samples) == expected
+
+
+# -- state -----------------------------------------------------------------------------------
+
+
+def test_timer_state_round_trips_through_json() -> None:
+    bought_at = utc(2026, 6, 1, 20, 30)
+    state = moved(first_formula(bought_at), bought_at + 14 * DAY).state
+    state.win_back_for = 7
+    state.marketing_sent = [1, 2]
+    restored = CustomerState.from_json(state.to_json())
+    assert restored == state
+    assert restored.deferred == {"reminder:infant_formula": [bought_at, utc(2026, 6, 16, 6)]}
+    # A state written before lifecycle fields existed reads as new (or potential).
+    old = json.loads(state.to_json())
+    for key in ("st", "ss", "r", "d", "m", "w"):
+        del old[key]
+    legacy = CustomerState.from_json(json.dumps(old))
+    assert (legacy.stage, legacy.stage_since, legacy.reminded, legacy.deferred) == (
+        "new",
+        None,
+        {},
+        {},
+    )
+    assert (legacy.marketing_sent, legacy.win_back_for) == ([], None)
