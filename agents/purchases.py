@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from functools import partial
 from typing import TYPE_CHECKING, cast
 
 import faust
@@ -75,6 +76,21 @@ def register(app: faust.App, runtime: Runtime) -> None:
         except Exception:
             # The state is the claim: an unconfirmed firing is found again on restart.
             _die("unexpected error firing timers; stopping")
+
+    @app.timer(interval=settings.snapshot_check_s)
+    async def publish_snapshot() -> None:
+        """Publish population thresholds on the policy interval (one worker wins the lock)."""
+        from memberflow.population import current_snapshot, publish
+
+        engine = runtime.engine()
+        now = int(time.time())
+        interval = runtime.policy.segments.snapshot_interval_minutes * 60
+        try:
+            latest = await engine.retry("snapshot", partial(current_snapshot, engine.store))
+            if latest is None or now - latest.published_at >= interval:
+                await engine.retry("publish", partial(publish, engine.store, runtime.policy, now))
+        except Exception:
+            _die("unexpected error publishing a snapshot; stopping")
 
     @app.agent(purchases, concurrency=1, name="memberflow.purchases")
     async def process_purchases(stream: faust.StreamT) -> None:

@@ -42,7 +42,7 @@ class Runtime:
                 password=password.get_secret_value() if password else None,
             )
             self._engine = Engine(
-                RedisStore(client),
+                RedisStore(client, stats_shards=self.settings.stats_shards),
                 self.policy,
                 clock_mode=self.settings.clock,
                 metrics=self.metrics,

@@ -106,7 +106,8 @@ async def _with_store(settings: Settings, work: Any) -> Any:
             settings.redis_url,
             cluster=settings.redis_cluster,
             password=password.get_secret_value() if password else None,
-        )
+        ),
+        stats_shards=settings.stats_shards,
     )
     try:
         return await work(store)
@@ -223,6 +224,58 @@ def cmd_intervals(args: argparse.Namespace) -> int:
             f"{row['samples']:>8} {'-' if learned is None else learned:>8} "
             f"{row['in_use_days']:>7} {row['remind_after_days']:>14}"
         )
+    return 0
+
+
+def cmd_segments(args: argparse.Namespace) -> int:
+    from memberflow.population import current_snapshot, publish
+    from rules.names import TYPE_NAMES
+
+    settings = _settings()
+    policy = _policy(settings)
+
+    async def work(store: Any) -> dict[str, Any]:
+        published = None
+        if args.publish:
+            published = await publish(store, policy, int(time.time()), lock_wait_s=60)
+        snapshot = await current_snapshot(store)
+        return {
+            "published_now": published is not None,
+            "snapshot": snapshot.model_dump() if snapshot else None,
+            "distribution": await store.distribution(),
+        }
+
+    result = asyncio.run(_with_store(settings, work))
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    snapshot = result["snapshot"]
+    if snapshot is None:
+        print("no population snapshot yet (memberflow segments --publish makes one)")
+    else:
+        age = int(time.time()) - snapshot["published_at"]
+        print(
+            f"snapshot v{snapshot['version']}: {snapshot['customers']} customers, published "
+            f"{age}s ago{' (just now)' if result['published_now'] else ''}"
+        )
+        means = snapshot["means"]
+        print(
+            f"  means: last purchase {datetime.fromtimestamp(means['r'], UTC):%Y-%m-%d}, "
+            f"F {means['f']:.2f} orders, M {means['m'] / 100:.2f} {policy.base_currency}"
+        )
+    distribution: dict[str, int] = result["distribution"]
+    for dimension in ("tier", "segment", "grade", "stage"):
+        rows = {
+            k.split(":", 1)[1]: v for k, v in distribution.items() if k.startswith(dimension + ":")
+        }
+        if not rows:
+            continue
+        total = sum(rows.values())
+        print(f"{dimension}:")
+        for label, count in sorted(rows.items(), key=lambda kv: -kv[1]):
+            names = TYPE_NAMES.get(label)
+            shown = f"{label} ({names[1]}, {names[0]})" if names else label
+            print(f"  {shown:<50} {count:>8}  {100 * count / total:5.1f} %")
     return 0
 
 
@@ -407,6 +460,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_intervals)
+
+    p = commands.add_parser(
+        "segments",
+        help="customers per RFM type, grade, tier and lifecycle stage; the current snapshot",
+        description="Print the distribution of customers over the 8 RFM types (with their "
+        "Chinese and English names), A/B/C grades, tiers and lifecycle stages, from counters "
+        "kept with the population statistics (no scan), and the population snapshot the "
+        "labels are judged against. --publish publishes a new snapshot now (the workers also "
+        "do it every segments.snapshot_interval_minutes) and wakes the customers it relabels.",
+    )
+    p.add_argument("--publish", action="store_true", help="publish a new snapshot first")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_segments)
 
     p = commands.add_parser(
         "tick",

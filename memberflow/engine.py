@@ -25,12 +25,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memberflow.metrics import Metrics
+from memberflow.population import current_snapshot
 from rules.customer import CustomerState, apply, epoch, evaluation_time, screen
 from rules.policy import Policy
+from rules.segments import Snapshot, reclassify
 from rules.timeline import Timer, advance, learned_interval, next_due
-from state.store import Store, Stored, TimerEntry, Write
+from state.store import Contribution, Store, Stored, TimerEntry, Write
 from streams.codec import decode_event
 from streams.events import (
+    Cause,
     DeadLetter,
     InputEvent,
     Notification,
@@ -74,6 +77,7 @@ class BatchOutcome:
     dead_letters: list[tuple[bytes | None, DeadLetter]] = field(default_factory=list)
     outbox_versions: dict[str, int] = field(default_factory=dict)
     timers: dict[str, TimerEntry] = field(default_factory=dict)  # exact next due, per customer
+    contributions: list[Contribution] = field(default_factory=list)  # population statistics
     gaps: list[tuple[str, int]] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
@@ -97,6 +101,7 @@ class _Fold:
     gaps: list[tuple[str, int]] = field(default_factory=list)
     fired: list[Timer] = field(default_factory=list)
     fired_at: int = 0  # the clock the timers fired at (for lateness)
+    now: int = 0  # evaluation time of the last change (population values are taken at it)
 
 
 class Engine:
@@ -121,6 +126,16 @@ class Engine:
         self.learn_refresh_s = learn_refresh_s
         self._learned: dict[str, int] = {}
         self._learned_at = float("-inf")
+        self._snapshot: Snapshot | None = None
+
+    async def current_snapshot(self) -> Snapshot | None:
+        """The published population snapshot. Its version is checked on every call (one small
+        GET), so a worker never labels with an old snapshot after a newer one was published
+        and its relabelling wake-ups went out; the document is re-read only when it changed."""
+        version = await self.retry("snapshot", self.store.snapshot_version)
+        if version and (self._snapshot is None or self._snapshot.version != version):
+            self._snapshot = await self.retry("snapshot", partial(current_snapshot, self.store))
+        return self._snapshot
 
     async def retry(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """Retry a Redis operation until it succeeds. Not acking is the safe failure: while
@@ -173,11 +188,12 @@ class Engine:
         if self.clock_mode == "event" and by_customer:
             global_clock = await self.retry("clock", self._global_clock)
         learned = await self.learned_intervals()
+        snapshot = await self.current_snapshot() if by_customer else None
 
         def fold(stored: Stored) -> _Fold:
             cid = stored.customer_id
             return self._fold(
-                stored, shard_of[cid], by_customer[cid], global_clock, wall_now, learned
+                stored, shard_of[cid], by_customer[cid], global_clock, wall_now, learned, snapshot
             )
 
         shard_clocks = await self._run(outcome, list(by_customer), fold)
@@ -228,12 +244,14 @@ class Engine:
         global_clock: int,
         wall_now: int,
         learned: dict[str, int],
+        snapshot: Snapshot | None,
     ) -> _Fold:
         """Apply one customer's events in order, through the pure rules. Before each event the
         customer's timers are brought up to its time, so a purchase arriving after a due
         reminder (or lifecycle step) sees the world as it was at that moment."""
         fold = _Fold(stored, shard, state=stored.state)
         notifications: list[Notification] = []
+        cause: Cause | None = None
         for message, event in items:
             now = evaluation_time(self.clock_mode, fold.state, event, wall_now)
             rejection = screen(event, self.policy, max(now, global_clock), wall_now)
@@ -255,9 +273,16 @@ class Engine:
                     fold.gaps.extend(decision.gaps)
                     fold.applied += 1
                     fold.applied_times.append(epoch(event.occurred_at))
+                    fold.now = max(fold.now, now)
+                    cause = Cause(kind="event", id=event.event_id)
             if rejection is not None:
                 fold.rejected.append((message, rejection))
-        self._prepare_write(fold, notifications, changed=fold.applied > 0 or bool(fold.effects))
+        changed = fold.applied > 0 or bool(fold.effects)
+        if changed and fold.state is not None and cause is not None:
+            fold.state = fold.state.copy()
+            notes, _ = reclassify(fold.state, self.policy, snapshot, fold.now, cause)
+            notifications.extend(notes)
+        self._prepare_write(fold, notifications, changed=changed)
         return fold
 
     def _prepare_write(self, fold: _Fold, notifications: list[Notification], changed: bool) -> None:
@@ -293,15 +318,17 @@ class Engine:
                     if f.stored.outbox:  # left unsent by a crash: send it now
                         outcome.notifications.extend(f.stored.outbox)
                         outcome.outbox_versions[customer_id] = f.stored.version
-                elif (version := versions[customer_id]) is None:
+                    version = f.stored.version
+                elif (written := versions[customer_id]) is None:
                     self.metrics.version_conflicts.inc()
                     conflicted.append(customer_id)
                     continue
                 else:
+                    version = written
                     outcome.notifications.extend(f.write.outbox)
                     if f.write.outbox:
                         outcome.outbox_versions[customer_id] = version
-                self._settle(outcome, customer_id, f, newest)
+                self._settle(outcome, customer_id, f, newest, version)
             pending = conflicted
         if pending:
             # Another writer keeps winning: give up on the batch without acking it.
@@ -309,7 +336,12 @@ class Engine:
         return newest
 
     def _settle(
-        self, outcome: BatchOutcome, customer_id: str, f: _Fold, newest: dict[int, int]
+        self,
+        outcome: BatchOutcome,
+        customer_id: str,
+        f: _Fold,
+        newest: dict[int, int],
+        version: int,
     ) -> None:
         """Count a fold that stands (a conflicted one is redone, so counted only once)."""
         outcome.applied += f.applied
@@ -319,11 +351,14 @@ class Engine:
         for timer in f.fired:
             self.metrics.timer_lateness.observe(max(0, f.fired_at - timer.due))
         if f.state is not None:
-            # Also for folds that wrote nothing (all duplicates): repairs the index after a
-            # crash between the state write and the index update.
+            # Also for folds that wrote nothing (all duplicates): repairs the index and the
+            # population statistics after a crash between the state write and confirm().
             outcome.timers[customer_id] = TimerEntry(
                 f.shard, next_due(f.state, self.policy, self._learned)
             )
+            contribution = self._contribution(f.state, version, f.shard, f.now)
+            if contribution is not None:
+                outcome.contributions.append(contribution)
         for trigger, result in f.effects:
             self.metrics.triggers.labels(trigger, result).inc()
         wall_now = int(self.wall_clock())
@@ -332,6 +367,32 @@ class Engine:
             self.metrics.event_time_lag.observe(max(0, wall_now - occurred))
         for message, rejection in f.rejected:
             self._dead_letter(outcome, message, rejection, wall_now)
+
+    def _contribution(
+        self, state: CustomerState, version: int, shard: int, now: int
+    ) -> Contribution | None:
+        if state.last_purchase_at is None or version == 0:
+            return None
+        if not now:  # nothing changed in this batch: the customer's own current time
+            now = (
+                int(self.wall_clock())
+                if self.clock_mode == "wall"
+                else (state.latest_event_at or state.last_purchase_at)
+            )
+        orders, spend = state.window(now, self.policy.window_days)
+        segment = state.segment or ["", "", "", 0]
+        return Contribution(
+            customer_id=state.customer_id,
+            version=version,
+            partition=shard,
+            r=state.last_purchase_at,
+            f=orders,
+            m=spend,
+            tier=state.tier,
+            segment=str(segment[0]),
+            grade=str(segment[2]),
+            stage=state.stage,
+        )
 
     # -- timers ------------------------------------------------------------------------------
 
@@ -354,24 +415,36 @@ class Engine:
             return outcome
         outcome.more_due = len(due) == limit
         learned = await self.learned_intervals()
+        snapshot = await self.current_snapshot()
         vanished: list[str] = []
 
         def fold(stored: Stored) -> _Fold:
-            f = _Fold(stored, shard, state=stored.state)
+            f = _Fold(stored, shard, state=stored.state, now=until)
             if stored.state is None:
                 vanished.append(stored.customer_id)
                 return f
             moved = advance(stored.state, self.policy, until, learned)
-            f.state, f.effects, f.fired = moved.state, list(moved.effects), list(moved.fired)
+            f.state, f.effects, f.fired = moved.state.copy(), list(moved.effects), list(moved.fired)
             f.fired_at = until
-            self._prepare_write(f, list(moved.notifications), changed=moved.changed)
+            cause = (
+                Cause(kind="timer", id=f"{moved.fired[-1].key}@{moved.fired[-1].anchor}")
+                if moved.fired
+                else Cause(kind="snapshot", id=str(snapshot.version if snapshot else 0))
+            )
+            notes, relabelled = reclassify(f.state, self.policy, snapshot, until, cause)
+            self._prepare_write(
+                f, [*moved.notifications, *notes], changed=moved.changed or relabelled
+            )
             return f
 
         await self._run(outcome, due, fold)
         for customer_id, entry in list(outcome.timers.items()):
             if entry.due is None:
-                vanished.append(customer_id)
                 del outcome.timers[customer_id]
+                # While its outbox waits to be produced, the entry stays (at the fired time):
+                # after a crash before confirm, the next poll resends it, then unindexes.
+                if customer_id not in outcome.outbox_versions:
+                    vanished.append(customer_id)
         if vanished:
             await self.retry("unindex", partial(self.store.unindex, shard, vanished))
         return outcome
@@ -408,3 +481,5 @@ class Engine:
             "confirm",
             partial(self.store.confirm, outcome.outbox_versions, outcome.timers, outcome.gaps),
         )
+        if outcome.contributions:
+            await self.retry("contribute", partial(self.store.contribute, outcome.contributions))

@@ -60,4 +60,17 @@ class Settings(BaseSettings):
     learn_refresh_s: float = Field(
         60.0, gt=0, description="How often learned repurchase intervals are re-read."
     )
+    snapshot_check_s: float = Field(
+        30.0,
+        gt=0,
+        description="How often a worker checks whether a new snapshot is due (policy "
+        "segments.snapshot_interval_minutes); one worker publishes it.",
+    )
+    stats_shards: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Shards of the population statistics in Redis (spreads the hot keys). "
+        "Fixed for the life of the data.",
+    )
     log_level: str = Field("info", description="Worker log level.")

@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from rules.money import format_minor, minor, to_minor
+from rules.names import TYPE_NAMES
 from rules.policy import Policy, TierRule
 from streams.events import (
     Cause,
@@ -89,6 +90,8 @@ class CustomerState:
     deferred: dict[str, list[int]] = field(default_factory=dict)
     marketing_sent: list[int] = field(default_factory=list)  # last few marketing sends
     win_back_for: int | None = None  # last_purchase_at whose win-back is settled
+    # [rfm type, "RFM" scores like "543", grade, snapshot version], or None before any snapshot
+    segment: list[Any] | None = None
     below_since: int | None = None  # since when the customer misses its tier's entry rule
     warned_for: int | None = None  # the below_since episode whose downgrade warning went out
 
@@ -113,6 +116,7 @@ class CustomerState:
             win_back_for=self.win_back_for,
             below_since=self.below_since,
             warned_for=self.warned_for,
+            segment=list(self.segment) if self.segment is not None else None,
         )
 
     def window(self, now: int, window_days: int) -> tuple[int, int]:
@@ -149,6 +153,7 @@ class CustomerState:
             "m": self.marketing_sent,
             "w": self.win_back_for,
             "bs": self.below_since,
+            "sg": self.segment,
             "wf": self.warned_for,
         }
         return json.dumps(doc, separators=(",", ":"), sort_keys=True)
@@ -177,6 +182,7 @@ class CustomerState:
             marketing_sent=doc.get("m", []),
             win_back_for=doc.get("w"),
             below_since=doc.get("bs"),
+            segment=doc.get("sg"),
             warned_for=doc.get("wf"),
         )
 
@@ -662,6 +668,28 @@ def downgrade(state: CustomerState, policy: Policy, at: int, cause: Cause) -> No
     )
 
 
+def _segment_view(state: CustomerState) -> dict[str, Any]:
+    if state.segment is None:
+        return {
+            "rfm_type": None,
+            "rfm_type_names": None,
+            "rfm_scores": None,
+            "grade": None,
+            "snapshot_version": None,
+            "multi_category": len(state.categories) > 1,
+        }
+    rfm_type, scores, grade, version = state.segment
+    zh, en = TYPE_NAMES[rfm_type]
+    return {
+        "rfm_type": rfm_type,
+        "rfm_type_names": {"zh": zh, "en": en},
+        "rfm_scores": {"r": int(scores[0]), "f": int(scores[1]), "m": int(scores[2])},
+        "grade": grade,
+        "snapshot_version": version,
+        "multi_category": len(state.categories) > 1,
+    }
+
+
 def summarize(state: CustomerState, policy: Policy, as_of: int) -> dict[str, Any]:
     """The export view of one customer, with R/F/M evaluated at `as_of`."""
     orders, spend = state.window(as_of, policy.window_days)
@@ -681,6 +709,7 @@ def summarize(state: CustomerState, policy: Policy, as_of: int) -> dict[str, Any
         "tier_since": iso(state.tier_since),
         "lifecycle": state.stage,
         "lifecycle_since": iso(state.stage_since),
+        **_segment_view(state),
         "categories": {
             name: {"last_purchase_at": iso(last), "count": count}
             for name, (last, count) in sorted(state.categories.items())

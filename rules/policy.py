@@ -39,6 +39,37 @@ class TierChanges(_Strict):
     downgrade_to: Literal["one_step", "qualifying"] = "one_step"
 
 
+Grade = Literal["A", "B", "C"]
+DEFAULT_GRADES: dict[str, Grade] = {
+    "important_value": "A",
+    "important_development": "A",
+    "important_retention": "A",
+    "important_win_back": "B",
+    "general_value": "B",
+    "general_development": "B",
+    "general_retention": "C",
+    "general_win_back": "C",
+}
+
+
+class Segments(_Strict):
+    """How customers are judged against the population (domain.md section 3)."""
+
+    method: Literal["mean_split", "score_mean"] = "mean_split"
+    snapshot_interval_minutes: int = Field(60, ge=1)
+    grades: dict[str, Grade] = Field(default_factory=lambda: dict(DEFAULT_GRADES))
+
+    @model_validator(mode="after")
+    def _all_types(self) -> Segments:
+        if set(self.grades) != set(DEFAULT_GRADES):
+            missing = sorted(set(DEFAULT_GRADES) - set(self.grades))
+            unknown = sorted(set(self.grades) - set(DEFAULT_GRADES))
+            raise ValueError(
+                f"grades must map the 8 RFM types (missing {missing}, unknown {unknown})"
+            )
+        return self
+
+
 class Lifecycle(_Strict):
     """Days without a purchase after which a customer is at risk, then churned."""
 
@@ -122,6 +153,7 @@ class Policy(_Strict):
     window_days: int = Field(365, ge=1, le=3650)
     input: InputBounds = Field(default_factory=lambda: InputBounds.model_validate({}))
     tiers: tuple[TierRule, ...] = Field(min_length=1)
+    segments: Segments = Field(default_factory=lambda: Segments.model_validate({}))
     tier_changes: TierChanges = Field(default_factory=lambda: TierChanges.model_validate({}))
     lifecycle: Lifecycle = Field(default_factory=lambda: Lifecycle.model_validate({}))
     repurchase: Repurchase = Field(default_factory=lambda: Repurchase.model_validate({}))

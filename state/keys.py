@@ -41,3 +41,29 @@ def shard_clock(shard: int) -> str:
 def gap_histogram(category: str) -> str:
     """Hash gap_days -> count of observed repurchase gaps in a category (learned intervals)."""
     return f"{PREFIX}:{{g:{category}}}:gaps"
+
+
+def stats(shard: int, part: str) -> str:
+    """Population statistics of one stats shard (customers spread by crc32 of their id), so no
+    single key sees every event: `r`, `f`, `m` sorted sets customer -> value, `meta` hash
+    customer -> "version|partition|tier|segment|grade|stage", `sum` (n and sums), `dist`
+    (customers per label). All of a shard's keys share a slot: one script updates them."""
+    return f"{PREFIX}:{{s:{shard}}}:{part}"
+
+
+STATS_PARTS = ("r", "f", "m", "meta", "sum", "dist", "unclassified")
+
+
+def snapshot() -> str:
+    """The current published population snapshot (JSON with its version)."""
+    return f"{PREFIX}:{{snap}}:current"
+
+
+def snapshot_version() -> str:
+    """The current snapshot's version alone: read every batch, so workers switch at once."""
+    return f"{PREFIX}:{{snap}}:version"
+
+
+def snapshot_lock() -> str:
+    """Held by the worker publishing a snapshot, so that only one does per interval."""
+    return f"{PREFIX}:{{snap}}:lock"

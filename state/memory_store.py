@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 from rules.customer import CustomerState
-from state.store import Stored, TimerEntry, Write
+from state.store import Contribution, Stored, TimerEntry, Write
 from streams.events import Notification
 
 
@@ -16,6 +16,8 @@ class MemoryStore:
         self._clocks: dict[int | None, int] = {}
         self.timers: dict[int, dict[str, int]] = {}
         self.gaps: dict[str, dict[int, int]] = {}
+        self.contributions: dict[str, Contribution] = {}
+        self._snapshot: tuple[int, str] | None = None
 
     async def load(self, customer_ids: Sequence[str]) -> dict[str, Stored]:
         out = {}
@@ -80,6 +82,66 @@ class MemoryStore:
 
     async def gap_histograms(self, categories: Sequence[str]) -> dict[str, dict[int, int]]:
         return {category: dict(self.gaps.get(category, {})) for category in categories}
+
+    async def contribute(self, contributions: Sequence[Contribution]) -> None:
+        for c in contributions:
+            old = self.contributions.get(c.customer_id)
+            if old is None or old.version < c.version:
+                self.contributions[c.customer_id] = c
+
+    async def population(self) -> tuple[int, dict[str, int]]:
+        rows = self.contributions.values()
+        return len(rows), {d: sum(getattr(c, d) for c in rows) for d in ("r", "f", "m")}
+
+    async def count_at_most(self, dimension: str, values: Sequence[int]) -> list[int]:
+        column = [getattr(c, dimension) for c in self.contributions.values()]
+        return [sum(1 for x in column if x <= value) for value in values]
+
+    async def customers_between(
+        self, dimension: str, low: float, high: float
+    ) -> list[tuple[str, int]]:
+        return sorted(
+            (c.customer_id, c.partition)
+            for c in self.contributions.values()
+            if low < getattr(c, dimension) <= high
+        )
+
+    async def distribution(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for c in self.contributions.values():
+            labels = [f"tier:{c.tier}", f"stage:{c.stage}"]
+            labels += [f"segment:{c.segment}"] if c.segment else []
+            labels += [f"grade:{c.grade}"] if c.grade else []
+            for label in labels:
+                totals[label] = totals.get(label, 0) + 1
+        return dict(sorted(totals.items()))
+
+    async def snapshot(self) -> str | None:
+        return self._snapshot[1] if self._snapshot else None
+
+    async def publish_snapshot(self, version: int, document: str) -> bool:
+        if self._snapshot is not None and self._snapshot[0] >= version:
+            return False
+        self._snapshot = (version, document)
+        return True
+
+    async def snapshot_version(self) -> int:
+        return self._snapshot[0] if self._snapshot else 0
+
+    async def unclassified(self) -> list[tuple[str, int]]:
+        return sorted(
+            (c.customer_id, c.partition) for c in self.contributions.values() if not c.segment
+        )
+
+    async def try_lock(self, ttl_s: int) -> bool:
+        return True  # one process: nothing to exclude
+
+    async def unlock(self) -> None:
+        return None
+
+    async def wake(self, entries: Sequence[tuple[str, int]]) -> None:
+        for customer_id, partition in entries:
+            self.timers.setdefault(partition, {})[customer_id] = 0
 
     async def scan(self) -> AsyncIterator[Stored]:
         for stored in (await self.load(list(self._rows))).values():

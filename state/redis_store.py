@@ -8,6 +8,7 @@ its partitions (a zombie after a rebalance) fail instead of overwriting newer st
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from redis.exceptions import NoScriptError
 
 from rules.customer import CustomerState
 from state import keys
-from state.store import Stored, TimerEntry, Write
+from state.store import Contribution, Stored, TimerEntry, Write
 from streams.events import Notification
 
 # KEYS[1] customer hash; ARGV[1] expected version; ARGV[2] state JSON; ARGV[3] outbox JSON or ''.
@@ -48,6 +49,67 @@ local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 local candidate = tonumber(ARGV[1])
 if candidate > current then redis.call('SET', KEYS[1], ARGV[1]) return candidate end
 return current
+"""
+
+# KEYS: r, f, m (zsets), meta, sum, dist (hashes), unclassified (set) of one stats shard.
+# ARGV: groups of 10: customer, version, partition, r, f, m, tier, segment, grade, stage.
+CONTRIBUTE_LUA = """
+local function bump(labels, delta)
+  for _, label in ipairs(labels) do
+    if label ~= '' then redis.call('HINCRBY', KEYS[6], label, delta) end
+  end
+end
+local applied = 0
+for base = 0, #ARGV - 1, 10 do
+  local cid = ARGV[base + 1]
+  local version = tonumber(ARGV[base + 2])
+  local old = redis.call('HGET', KEYS[4], cid)
+  local stale = false
+  if old then
+    local oldv, _, ot, os, og, ost =
+      string.match(old, '^(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+    if tonumber(oldv) >= version then
+      stale = true
+    else
+      redis.call('HINCRBY', KEYS[5], 'n', -1)
+      for i, dim in ipairs({'r', 'f', 'm'}) do
+        local score = redis.call('ZSCORE', KEYS[i], cid)
+        if score then redis.call('HINCRBY', KEYS[5], dim, -tonumber(score)) end
+      end
+      bump({'tier:' .. ot, os ~= '' and ('segment:' .. os) or '',
+            og ~= '' and ('grade:' .. og) or '', 'stage:' .. ost}, -1)
+    end
+  end
+  if not stale then
+    redis.call('HINCRBY', KEYS[5], 'n', 1)
+    for i, dim in ipairs({'r', 'f', 'm'}) do
+      local value = ARGV[base + 3 + i]
+      redis.call('ZADD', KEYS[i], value, cid)
+      redis.call('HINCRBY', KEYS[5], dim, value)
+    end
+    local tier, seg, grade, stage = ARGV[base + 7], ARGV[base + 8], ARGV[base + 9], ARGV[base + 10]
+    redis.call('HSET', KEYS[4], cid, ARGV[base + 2] .. '|' .. ARGV[base + 3] .. '|' .. tier .. '|'
+      .. seg .. '|' .. grade .. '|' .. stage)
+    bump({'tier:' .. tier, seg ~= '' and ('segment:' .. seg) or '',
+          grade ~= '' and ('grade:' .. grade) or '', 'stage:' .. stage}, 1)
+    if seg == '' then redis.call('SADD', KEYS[7], cid) else redis.call('SREM', KEYS[7], cid) end
+    applied = applied + 1
+  end
+end
+return applied
+"""
+
+# KEYS[1] snapshot key, KEYS[2] its version key; ARGV[1] version; ARGV[2] document.
+# Only ever moves forward.
+PUBLISH_SNAPSHOT_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local version = tonumber(string.match(current, '"version":%s*(%d+)'))
+  if version and version >= tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
 """
 
 AnyRedis = Redis | RedisCluster
@@ -94,9 +156,14 @@ def _stored(customer_id: str, fields: Sequence[bytes | None]) -> Stored:
     )
 
 
+def stats_shard(customer_id: str, shards: int) -> int:
+    return zlib.crc32(customer_id.encode()) % shards
+
+
 class RedisStore:
-    def __init__(self, client: AnyRedis) -> None:
+    def __init__(self, client: AnyRedis, stats_shards: int = 16) -> None:
         self.client = client
+        self.stats_shards = stats_shards
         self._shas: dict[str, str] = {}
 
     async def _script_sha(self, body: str) -> str:
@@ -216,6 +283,154 @@ class RedisStore:
             category: {int(days): int(count) for days, count in row.items()}
             for category, row in zip(categories, rows, strict=True)
         }
+
+    async def contribute(self, contributions: Sequence[Contribution]) -> None:
+        by_shard: dict[int, list[Any]] = {}
+        for c in contributions:
+            by_shard.setdefault(stats_shard(c.customer_id, self.stats_shards), []).extend(
+                (
+                    c.customer_id,
+                    c.version,
+                    c.partition,
+                    c.r,
+                    c.f,
+                    c.m,
+                    c.tier,
+                    c.segment,
+                    c.grade,
+                    c.stage,
+                )
+            )
+        if not by_shard:
+            return
+        sha = await self._script_sha(CONTRIBUTE_LUA)
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for shard, args in sorted(by_shard.items()):
+                stats_keys = [keys.stats(shard, part) for part in keys.STATS_PARTS]
+                pipe.evalsha(sha, len(stats_keys), *stats_keys, *args)
+            try:
+                await pipe.execute()
+                return
+            except NoScriptError:
+                self._shas.pop(CONTRIBUTE_LUA, None)
+                sha = await self._script_sha(CONTRIBUTE_LUA)
+                if attempt == 2:
+                    raise
+
+    async def population(self) -> tuple[int, dict[str, int]]:
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.stats_shards):
+            pipe.hgetall(keys.stats(shard, "sum"))
+        total = 0
+        sums = {"r": 0, "f": 0, "m": 0}
+        for row in await pipe.execute():
+            decoded = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in row.items()}
+            total += decoded.get("n", 0)
+            for dim in sums:
+                sums[dim] += decoded.get(dim, 0)
+        return total, sums
+
+    async def count_at_most(self, dimension: str, values: Sequence[int]) -> list[int]:
+        pipe = self.client.pipeline(transaction=False)
+        for value in values:
+            for shard in range(self.stats_shards):
+                pipe.zcount(keys.stats(shard, dimension), "-inf", value)
+        counts = await pipe.execute()
+        n = self.stats_shards
+        return [sum(counts[i * n : (i + 1) * n]) for i in range(len(values))]
+
+    async def customers_between(
+        self, dimension: str, low: float, high: float
+    ) -> list[tuple[str, int]]:
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.stats_shards):
+            pipe.zrangebyscore(keys.stats(shard, dimension), f"({low}", high)
+        found: list[tuple[int, str]] = []
+        for shard, members in enumerate(await pipe.execute()):
+            found.extend((shard, m.decode() if isinstance(m, bytes) else str(m)) for m in members)
+        if not found:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for shard, cid in found:
+            pipe.hget(keys.stats(shard, "meta"), cid)
+        out = []
+        for (_, cid), meta in zip(found, await pipe.execute(), strict=True):
+            if meta:
+                out.append(
+                    (cid, int((meta.decode() if isinstance(meta, bytes) else meta).split("|")[1]))
+                )
+        return out
+
+    async def distribution(self) -> dict[str, int]:
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.stats_shards):
+            pipe.hgetall(keys.stats(shard, "dist"))
+        totals: dict[str, int] = {}
+        for row in await pipe.execute():
+            for label, count in row.items():
+                name = label.decode() if isinstance(label, bytes) else label
+                totals[name] = totals.get(name, 0) + int(count)
+        return {label: count for label, count in sorted(totals.items()) if count}
+
+    async def snapshot(self) -> str | None:
+        raw = await self.client.get(keys.snapshot())
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def publish_snapshot(self, version: int, document: str) -> bool:
+        sha = await self._script_sha(PUBLISH_SNAPSHOT_LUA)
+        try:
+            stored = await self.client.evalsha(
+                sha, 2, keys.snapshot(), keys.snapshot_version(), version, document
+            )
+        except NoScriptError:
+            self._shas.pop(PUBLISH_SNAPSHOT_LUA, None)
+            return await self.publish_snapshot(version, document)
+        return bool(stored)
+
+    async def snapshot_version(self) -> int:
+        raw = await self.client.get(keys.snapshot_version())
+        return int(raw) if raw is not None else 0
+
+    async def unclassified(self) -> list[tuple[str, int]]:
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.stats_shards):
+            pipe.smembers(keys.stats(shard, "unclassified"))
+        found = [
+            (shard, m.decode() if isinstance(m, bytes) else str(m))
+            for shard, members in enumerate(await pipe.execute())
+            for m in members
+        ]
+        return await self._partitions_of(found)
+
+    async def _partitions_of(self, found: list[tuple[int, str]]) -> list[tuple[str, int]]:
+        if not found:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for shard, cid in found:
+            pipe.hget(keys.stats(shard, "meta"), cid)
+        out = []
+        for (_, cid), meta in zip(found, await pipe.execute(), strict=True):
+            if meta:
+                text = meta.decode() if isinstance(meta, bytes) else meta
+                out.append((cid, int(text.split("|")[1])))
+        return out
+
+    async def try_lock(self, ttl_s: int) -> bool:
+        return bool(await self.client.set(keys.snapshot_lock(), "1", nx=True, ex=ttl_s))
+
+    async def unlock(self) -> None:
+        await self.client.delete(keys.snapshot_lock())
+
+    async def wake(self, entries: Sequence[tuple[str, int]]) -> None:
+        """Put customers at the front of their partition's timer index (score 0), so the
+        owning worker reclassifies them against a new snapshot."""
+        if not entries:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for customer_id, partition in entries:
+            pipe.zadd(keys.timer_index(partition), {customer_id: 0}, lt=True)
+        await pipe.execute()
 
     async def scan(self) -> AsyncIterator[Stored]:
         batch: list[str] = []

@@ -42,6 +42,23 @@ class Write:
     timer: TimerEntry | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    """What one customer contributes to the population statistics, as of state `version`.
+    Applied idempotently: an older or equal version than the one recorded changes nothing."""
+
+    customer_id: str
+    version: int
+    partition: int
+    r: int  # last purchase time
+    f: int  # window orders
+    m: int  # window spend, minor units
+    tier: str
+    segment: str
+    grade: str
+    stage: str
+
+
 class Store(Protocol):
     async def load(self, customer_ids: Sequence[str]) -> dict[str, Stored]: ...
 
@@ -76,6 +93,48 @@ class Store(Protocol):
         ...
 
     async def gap_histograms(self, categories: Sequence[str]) -> dict[str, dict[int, int]]: ...
+
+    async def contribute(self, contributions: Sequence[Contribution]) -> None: ...
+
+    async def population(self) -> tuple[int, dict[str, int]]:
+        """(customers, {"r": sum, "f": sum, "m": sum}) over all stats shards."""
+        ...
+
+    async def count_at_most(self, dimension: str, values: Sequence[int]) -> list[int]:
+        """For each value, how many customers have `dimension` <= value."""
+        ...
+
+    async def customers_between(
+        self, dimension: str, low: float, high: float
+    ) -> list[tuple[str, int]]:
+        """(customer, partition) of customers with low < value <= high."""
+        ...
+
+    async def distribution(self) -> dict[str, int]:
+        """Customers per label: "tier:gold", "segment:important_value", "grade:A", ..."""
+        ...
+
+    async def snapshot(self) -> str | None: ...
+
+    async def publish_snapshot(self, version: int, document: str) -> bool:
+        """Store `document` as the current snapshot if `version` is newer than the stored."""
+        ...
+
+    async def snapshot_version(self) -> int:
+        """The current snapshot's version (0: none), cheap enough to read every batch."""
+        ...
+
+    async def unclassified(self) -> list[tuple[str, int]]:
+        """(customer, partition) of customers not yet classified against any snapshot."""
+        ...
+
+    async def try_lock(self, ttl_s: int) -> bool: ...
+
+    async def unlock(self) -> None: ...
+
+    async def wake(self, entries: Sequence[tuple[str, int]]) -> None:
+        """Index (customer, partition) pairs as due now (reclassification after a snapshot)."""
+        ...
 
     def scan(self) -> AsyncIterator[Stored]: ...
 

@@ -123,8 +123,8 @@ class NotificationType(StrEnum):
 
 
 class Cause(_Frozen):
-    kind: Literal["event", "timer"]
-    id: str  # the event_id, or the timer id
+    kind: Literal["event", "timer", "snapshot"]
+    id: str  # the event_id, the timer id, or the snapshot version
 
 
 class Notification(_Frozen):

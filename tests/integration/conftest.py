@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kafka import KafkaConsumer, TopicPartition
 
 from memberflow.services import LocalBroker, LocalRedis, WorkerProcess, free_port
+from memberflow.settings import default_rules_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +38,27 @@ def redis_server(tmp_path: Path) -> Iterator[LocalRedis]:
         yield running
 
 
+def policy_variant(changes: dict[str, Any], path: Path) -> Path:
+    """The default policy with some sections replaced (shallow per section), written to
+    `path`: tests state the policy they rely on instead of copying the whole file."""
+    doc = yaml.safe_load(default_rules_file().read_text())
+    for section, value in changes.items():
+        if isinstance(value, dict) and isinstance(doc.get(section), dict):
+            doc[section] = {**doc[section], **value}
+        else:
+            doc[section] = value
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    return path
+
+
+# The R/F/M oracle (tests/oracle.py) models upgrades only. Replays there span about a year, so
+# a grace period of ten years keeps downgrades (tested on their own) out of those comparisons.
+UPGRADE_ONLY = {"tier_changes": {"grace_days": 3650}}
+
+
 def worker_env(broker: LocalBroker, redis: LocalRedis, **overrides: str) -> dict[str, str]:
+    """Environment for a worker or a CLI call against these services. Unless the test names a
+    rules file, the policy is the default with downgrades out of reach (UPGRADE_ONLY)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMBERFLOW_")}
     env.update(
         {
@@ -50,6 +72,9 @@ def worker_env(broker: LocalBroker, redis: LocalRedis, **overrides: str) -> dict
             "MEMBERFLOW_BROKER_HEARTBEAT_INTERVAL_S": "1",
         }
     )
+    if "MEMBERFLOW_RULES_FILE" not in overrides:
+        path = Path(redis.work_dir) / "upgrade-only-policy.yaml"
+        env["MEMBERFLOW_RULES_FILE"] = str(policy_variant(UPGRADE_ONLY, path))
     env.update(overrides)
     return env
 

@@ -80,9 +80,11 @@ def test_replay_twice_equals_batch_computation(
     tiers = Counter(doc["tier"] for doc in actual.values())
     assert {"silver", "gold", "platinum"} <= set(tiers), tiers
 
-    notifications = read_json_topic(broker.bootstrap, "notifications")
-    ids = Counter(n["notification_id"] for n in notifications)
+    everything = read_json_topic(broker.bootstrap, "notifications")
+    ids = Counter(n["notification_id"] for n in everything)
     assert [i for i, n in ids.items() if n > 1] == []  # nothing emitted twice
+    # Lifecycle and repurchase notifications are checked by test_timeline_exactness.py.
+    notifications = [n for n in everything if n["type"].startswith("tier_")]
     assert {
         (
             n["customer_id"],
@@ -93,7 +95,7 @@ def test_replay_twice_equals_batch_computation(
         for n in notifications
     } == expected_upgrades(accepted)
     for n in notifications:
-        assert n["type"] == "tier_upgraded"
+        assert n["type"] == "tier_upgraded"  # no downgrade within the grace of UPGRADE_ONLY
         assert set(n["explanation"]) >= {"rule", "inputs", "thresholds", "policy_version"}
 
     dead = read_json_topic(broker.bootstrap, "purchases.dlq")

@@ -17,9 +17,18 @@ from memberflow.settings import default_rules_file
 from rules.customer import DAY, CustomerState, apply, epoch, iso
 from rules.policy import parse_policy
 from state.memory_store import MemoryStore
-from state.store import Stored, Write
+from state.store import Stored, TimerEntry, Write
 from streams.codec import encode_model
-from streams.events import Cause, Notification, NotificationType, Purchase, Refund, RejectReason
+from streams.events import (
+    Cause,
+    Item,
+    Notification,
+    NotificationType,
+    Purchase,
+    Refund,
+    RejectReason,
+    Tick,
+)
 
 POLICY = parse_policy(default_rules_file().read_text(encoding="utf-8"))
 WALL = epoch(datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC))
@@ -162,6 +171,38 @@ def expected_upgrade_to_silver() -> Notification:
     return note
 
 
+def tiers_of(notes: Sequence[Notification]) -> list[Notification]:
+    return [n for n in notes if n.type is NotificationType.TIER_UPGRADED]
+
+
+def stages_of(notes: Sequence[Notification]) -> list[tuple[str, str, str, str]]:
+    """(customer, previous stage, new stage, cause) of each lifecycle notification."""
+    return [
+        (
+            n.customer_id,
+            n.explanation["previous_stage"],
+            n.explanation["new_stage"],
+            n.cause.id,
+        )
+        for n in notes
+        if n.type is NotificationType.LIFECYCLE_CHANGED
+    ]
+
+
+# What BATCH emits: c1 new (p1), silver (p2) and active (p2), then c2 new (p3).
+BATCH_STAGES = [
+    ("c1", "potential", "new", "p1"),
+    ("c1", "new", "active", "p2"),
+    ("c2", "potential", "new", "p3"),
+]
+BATCH_TYPES = [
+    NotificationType.LIFECYCLE_CHANGED,
+    NotificationType.TIER_UPGRADED,
+    NotificationType.LIFECYCLE_CHANGED,
+    NotificationType.LIFECYCLE_CHANGED,
+]
+
+
 def test_batch_outcome_counts_and_dead_letters_exactly() -> None:
     async def scenario() -> None:
         store = MemoryStore()
@@ -175,11 +216,13 @@ def test_batch_outcome_counts_and_dead_letters_exactly() -> None:
         assert details[RejectReason.UNKNOWN_CURRENCY] == "JPY"
         assert details[RejectReason.UNKNOWN_PURCHASE] == "no purchase nope for customer c3"
 
-        assert outcome.notifications == [expected_upgrade_to_silver()]
-        note = outcome.notifications[0]
+        assert [n.type for n in outcome.notifications] == BATCH_TYPES
+        assert tiers_of(outcome.notifications) == [expected_upgrade_to_silver()]
+        assert stages_of(outcome.notifications) == BATCH_STAGES
+        note = outcome.notifications[1]
         assert (note.type, note.customer_id) == (NotificationType.TIER_UPGRADED, "c1")
         assert note.explanation["new_tier"] == "silver"
-        assert outcome.outbox_versions == {"c1": 1}
+        assert outcome.outbox_versions == {"c1": 1, "c2": 1}
 
         rows = await snapshot(store)
         assert sorted(rows) == ["c1", "c2"]  # c3 had nothing applied: no record
@@ -189,8 +232,9 @@ def test_batch_outcome_counts_and_dead_letters_exactly() -> None:
         assert (c1.lifetime_orders, c1.lifetime_spend, c1.tier) == (2, 35000, "silver")
         assert c1.window(WALL, POLICY.window_days) == (2, 35000)
         assert (c2.lifetime_orders, c2.lifetime_spend, c2.tier) == (1, 1000, "member")
-        assert rows["c1"][2] == (note,)
-        assert rows["c2"][2] == ()
+        assert rows["c1"][2] == tuple(outcome.notifications[:3])
+        assert rows["c2"][2] == tuple(outcome.notifications[3:])
+        assert (c1.stage, c2.stage) == ("active", "new")
         assert await store.clock() is None  # wall mode does not keep an event clock
 
         assert sample(engine, "memberflow_events_total", outcome="applied") == 3
@@ -203,6 +247,8 @@ def test_batch_outcome_counts_and_dead_letters_exactly() -> None:
         assert sample(engine, "memberflow_notifications_total", type="tier_upgraded") is None
         await engine.confirm(outcome)
         assert sample(engine, "memberflow_notifications_total", type="tier_upgraded") == 1
+        assert sample(engine, "memberflow_notifications_total", type="lifecycle_changed") == 3
+        assert sample(engine, "memberflow_tier_transitions_total", direction="up") == 1
 
     asyncio.run(scenario())
 
@@ -233,19 +279,20 @@ def test_outbox_is_resent_until_confirmed() -> None:
         engine = make_engine(store)
         first = await engine.process(BATCH)
         sent = first.notifications
-        assert len(sent) == 1
+        assert [n.type for n in sent] == BATCH_TYPES
         before = await snapshot(store)
 
         # Crash after producing, before confirm: the batch comes again.
         again = await engine.process(BATCH)
         assert again.applied == 0
         assert again.notifications == sent
-        assert [n.notification_id for n in again.notifications] == [sent[0].notification_id]
-        assert again.outbox_versions == {"c1": 1}
+        assert [n.notification_id for n in again.notifications] == [n.notification_id for n in sent]
+        assert again.outbox_versions == {"c1": 1, "c2": 1}
         assert await snapshot(store) == before
 
         await engine.confirm(again)
         assert (await state_of(store, "c1")).outbox == ()
+        assert (await state_of(store, "c2")).outbox == ()
         third = await engine.process(BATCH)
         assert third.notifications == []
         assert third.outbox_versions == {}
@@ -258,14 +305,20 @@ def test_unconfirmed_outbox_travels_with_the_next_write() -> None:
         store = MemoryStore()
         engine = make_engine(store)
         first = await engine.process([GOOD_1, GOOD_2])
-        (silver,) = first.notifications
+        assert [n.explanation["new_tier"] for n in tiers_of(first.notifications)] == ["silver"]
+        assert stages_of(first.notifications) == BATCH_STAGES[:2]
         # Not confirmed; the next batch takes c1 to gold.
         second = await engine.process(
             [bought(20, "p4", "c1", WALL, "300"), bought(21, "p5", "c1", WALL, "400")]
         )
         assert second.applied == 2
-        assert [n.explanation["new_tier"] for n in second.notifications] == ["silver", "gold"]
-        assert second.notifications[0] == silver
+        assert [n.explanation["new_tier"] for n in tiers_of(second.notifications)] == [
+            "silver",
+            "gold",
+        ]
+        # The unsent outbox first, then the new decisions (no lifecycle step: already active).
+        assert second.notifications[:-1] == first.notifications
+        assert second.notifications[-1].explanation["new_tier"] == "gold"
         assert second.outbox_versions == {"c1": 2}
         # A late confirm of the first batch must not drop the newer outbox.
         await engine.confirm(first)
@@ -313,18 +366,37 @@ def test_event_clock_judges_each_customer_by_its_own_latest_event() -> None:
     assert stored.state.window(old + 3600, POLICY.window_days) == (2, 35000)
     assert stored.state.tier == "silver"
     assert stored.state.tier_since == old + 3600
-    (note,) = outcome.notifications
+    (note,) = tiers_of(outcome.notifications)
     assert note.occurred_at == at(old + 3600)
     assert note.explanation["inputs"]["evaluated_at"] == iso(old + 3600)
+    assert stages_of(outcome.notifications) == [
+        ("c1", "potential", "new", "a1"),
+        ("c1", "new", "active", "a2"),
+    ]
+    assert [n.occurred_at for n in outcome.notifications] == [
+        at(old),
+        at(old + 3600),
+        at(old + 3600),
+    ]
+    assert (stored.state.stage, stored.state.stage_since) == ("active", old + 3600)
     assert clock == recent  # an older batch never moves the clock back
 
-    # The same input judged by the wall clock: 400 days old is outside the window.
+    # The same input judged by the wall clock: 400 days old is outside the window, and
+    # before a2 is applied c1's timers run up to the wall clock: the customer lapsed.
     stored, outcome, clock = asyncio.run(scenario("wall"))
     assert outcome.applied == 2
-    assert outcome.notifications == []
+    assert tiers_of(outcome.notifications) == []
+    assert stages_of(outcome.notifications) == [
+        ("c1", "potential", "new", "a1"),
+        ("c1", "new", "at_risk", f"at_risk@{old}"),
+        ("c1", "at_risk", "churned", f"churned@{old}"),
+        ("c1", "churned", "reactivated", "a2"),
+    ]
+    assert [n.type for n in outcome.notifications].count(NotificationType.WIN_BACK_OFFER) == 1
     assert stored.state is not None
     assert stored.state.buckets == {}
     assert stored.state.tier == "member"
+    assert (stored.state.stage, stored.state.stage_since) == ("reactivated", WALL)
     assert clock is None
 
 
@@ -431,11 +503,17 @@ def test_version_conflict_is_retried_and_counted_once() -> None:
         assert c1.state is not None
         assert (c1.state.lifetime_orders, c1.state.lifetime_spend) == (2, 35000)
         assert c1.state.tier == "silver"
-        # The upgrade is caused by our event, judged on the rival's write plus ours.
-        (note,) = outcome.notifications
+        # The upgrade is caused by our event, judged on the rival's write plus ours; the
+        # rival's first purchase made c1 new, ours makes it active.
+        (note,) = tiers_of(outcome.notifications)
+        # c2's write stood in the first round, c1's in the second.
+        assert stages_of(outcome.notifications) == [
+            ("c2", "potential", "new", "p3"),
+            ("c1", "new", "active", "p2"),
+        ]
         assert note.cause == Cause(kind="event", id="p2")
         assert note.explanation["inputs"]["window_orders"] == 2
-        assert outcome.outbox_versions == {"c1": 2}
+        assert outcome.outbox_versions == {"c2": 1, "c1": 2}
         assert (await state_of(store, "c2")).version == 1
         assert sample(engine, "memberflow_events_total", outcome="applied") == 2
 
@@ -482,5 +560,340 @@ def test_transient_store_errors_are_retried() -> None:
         assert outcome.applied == 1
         assert sample(engine, "memberflow_redis_retries_total", operation="load") == 2
         assert (await state_of(store, "c1")).version == 1
+
+    asyncio.run(scenario())
+
+
+# -- timers ----------------------------------------------------------------------------------
+
+FORMULA_DUE = 14 * DAY  # infant_formula: 21-day cycle, reminded 7 days ahead
+LATENESS = 3600  # the engine's default timer_lateness_s
+
+
+class Clock:
+    """An injected wall clock the test moves by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def timer_engine(store: MemoryStore, clock: Clock, clock_mode: ClockMode = "wall") -> Engine:
+    return Engine(store, POLICY, clock_mode=clock_mode, metrics=Metrics(), wall_clock=clock)
+
+
+def shopped(
+    offset: int,
+    event_id: str,
+    customer: str,
+    when: int,
+    category: str = "infant_formula",
+    partition: int = 0,
+) -> RawMessage:
+    event = purchase(event_id, customer, when).model_copy(
+        update={"items": (Item(sku="sku-1", category=category),)}
+    )
+    return message(offset, encode_model(event), partition)
+
+
+def tick(offset: int, when: int, partition: int) -> RawMessage:
+    return message(offset, Tick(occurred_at=at(when)).model_dump_json().encode(), partition)
+
+
+def reminders(outcome: BatchOutcome) -> list[tuple[str, datetime, str]]:
+    return [
+        (n.customer_id, n.occurred_at, n.cause.id)
+        for n in outcome.notifications
+        if n.type is NotificationType.REPURCHASE_REMINDER
+    ]
+
+
+def test_process_indexes_the_next_due_time_on_the_customers_partition() -> None:
+    async def scenario() -> None:
+        store = MemoryStore()
+        clock = Clock(WALL)
+        engine = timer_engine(store, clock)
+        outcome = await engine.process(
+            [
+                shopped(1, "f1", "c1", WALL, partition=2),
+                shopped(2, "t1", "c2", WALL - DAY, category="toys", partition=0),
+            ]
+        )
+        assert outcome.applied == 2
+        expected = {
+            "c1": TimerEntry(2, WALL + FORMULA_DUE),  # the reminder
+            "c2": TimerEntry(0, WALL - DAY + 60 * DAY),  # toys: only the lifecycle
+        }
+        assert outcome.timers == expected
+        # Indexed with the write already (a crash before confirm loses no timer) ...
+        assert store.timers == {2: {"c1": WALL + FORMULA_DUE}, 0: {"c2": WALL + 59 * DAY}}
+        await engine.confirm(outcome)
+        # ... and exactly after confirm.
+        assert store.timers == {2: {"c1": WALL + FORMULA_DUE}, 0: {"c2": WALL + 59 * DAY}}
+        assert await store.next_due_in(2) == WALL + FORMULA_DUE
+        assert await store.due(2, WALL + FORMULA_DUE - 1, 10) == []
+        assert await store.due(2, WALL + FORMULA_DUE, 10) == ["c1"]
+        assert await store.due(0, WALL + 100 * DAY, 10) == ["c2"]  # not c1: another shard
+        assert (
+            sample(
+                engine,
+                "memberflow_triggers_total",
+                trigger="repurchase_reminder",
+                outcome="scheduled",
+            )
+            == 1
+        )
+
+        # A purchase in the category moves the indexed time later (exactly, after confirm).
+        clock.now = WALL + 10 * DAY
+        again = await engine.process([shopped(3, "f2", "c1", WALL + 10 * DAY, partition=2)])
+        assert again.timers == {"c1": TimerEntry(2, WALL + 10 * DAY + FORMULA_DUE)}
+        assert store.timers[2] == {"c1": WALL + FORMULA_DUE}  # save only moves it earlier
+        await engine.confirm(again)
+        assert store.timers[2] == {"c1": WALL + 10 * DAY + FORMULA_DUE}
+        assert (
+            sample(
+                engine,
+                "memberflow_triggers_total",
+                trigger="repurchase_reminder",
+                outcome="rescheduled",
+            )
+            == 1
+        )
+
+    asyncio.run(scenario())
+
+
+def test_process_due_in_wall_mode_fires_a_due_reminder_once() -> None:
+    async def scenario() -> None:
+        store = MemoryStore()
+        clock = Clock(WALL)
+        engine = timer_engine(store, clock)
+        await engine.confirm(await engine.process([shopped(1, "f1", "c1", WALL, partition=1)]))
+
+        clock.now = WALL + FORMULA_DUE - 1
+        early = await engine.process_due(1)
+        assert (early.notifications, early.timers_fired, early.timers) == ([], 0, {})
+
+        clock.now = WALL + FORMULA_DUE + 5.5
+        fired = await engine.process_due(1)
+        assert fired.timers_fired == 1
+        # Fired at its own due time, not at the (later) clock.
+        assert reminders(fired) == [
+            ("c1", at(WALL + FORMULA_DUE), f"reminder:infant_formula@{WALL}")
+        ]
+        assert len(fired.notifications) == 1
+        assert fired.outbox_versions == {"c1": 2}
+        assert fired.timers == {"c1": TimerEntry(1, WALL + 60 * DAY)}  # next: at risk
+        assert fired.more_due is False
+        stored = await state_of(store, "c1")
+        assert stored.outbox == tuple(fired.notifications)
+        assert stored.state is not None
+        assert stored.state.reminded == {"infant_formula": WALL}
+        assert sample(engine, "memberflow_timer_lateness_seconds_sum") == 5
+        assert (
+            sample(
+                engine, "memberflow_triggers_total", trigger="repurchase_reminder", outcome="fired"
+            )
+            == 1
+        )
+
+        # Not confirmed yet (the producer may have crashed): the index still points at the
+        # fired time, so the next poll resends the outbox, but fires nothing new.
+        assert store.timers[1] == {"c1": WALL + FORMULA_DUE}
+        resent = await engine.process_due(1)
+        assert resent.timers_fired == 0
+        assert resent.notifications == fired.notifications  # same ids: consumers drop them
+        assert (await state_of(store, "c1")).version == 2
+
+        # Confirm re-indexes the next due time; nothing is due any more.
+        await engine.confirm(fired)
+        assert store.timers[1] == {"c1": WALL + 60 * DAY}
+        assert (await state_of(store, "c1")).outbox == ()
+        quiet = await engine.process_due(1)
+        assert (quiet.notifications, quiet.timers_fired) == ([], 0)
+        assert (await state_of(store, "c1")).version == 2
+        assert await engine.process_due(0) == BatchOutcome()  # another shard: nothing
+
+    asyncio.run(scenario())
+
+
+def test_process_due_stops_at_its_limit_earliest_first() -> None:
+    async def scenario() -> None:
+        store = MemoryStore()
+        clock = Clock(WALL)
+        engine = timer_engine(store, clock)
+        first = await engine.process(
+            [shopped(1, "f1", "late", WALL), shopped(2, "f2", "early", WALL - DAY)]
+        )
+        await engine.confirm(first)
+        clock.now = WALL + 20 * DAY
+        one = await engine.process_due(0, limit=1)
+        assert one.more_due is True
+        assert [r[0] for r in reminders(one)] == ["early"]
+        await engine.confirm(one)
+        rest = await engine.process_due(0, limit=1)
+        assert rest.more_due is True  # a full page: the caller polls again
+        assert [r[0] for r in reminders(rest)] == ["late"]
+        await engine.confirm(rest)
+        assert (await engine.process_due(0, limit=1)).notifications == []
+
+    asyncio.run(scenario())
+
+
+def test_process_due_in_event_mode_follows_the_partitions_clock() -> None:
+    bought_at = WALL - 20 * DAY
+    due = bought_at + FORMULA_DUE
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        engine = timer_engine(store, Clock(WALL), "event")
+        await engine.confirm(await engine.process([shopped(1, "f1", "c1", bought_at, partition=3)]))
+        assert await store.clock(3) == bought_at
+        assert (await engine.process_due(3)).notifications == []
+
+        # A tick on another partition moves that partition's clock only.
+        await engine.process([tick(2, due + LATENESS, partition=0)])
+        assert (await store.clock(0), await store.clock(3)) == (due + LATENESS, bought_at)
+        assert await store.clock() == due + LATENESS  # the global clock follows
+        assert (await engine.process_due(3)).notifications == []
+
+        # On the partition: timers fire up to its clock less the allowed lateness.
+        await engine.process([tick(3, due + LATENESS - 1, partition=3)])
+        assert await store.clock(3) == due + LATENESS - 1
+        assert await engine.timer_clock(3) == due - 1
+        held = await engine.process_due(3)
+        assert (held.notifications, held.timers_fired) == ([], 0)
+
+        await engine.process([tick(4, due + LATENESS, partition=3)])
+        fired = await engine.process_due(3)
+        assert reminders(fired) == [("c1", at(due), f"reminder:infant_formula@{bought_at}")]
+        assert sample(engine, "memberflow_timer_lateness_seconds_sum") == 0
+        await engine.confirm(fired)
+        assert store.timers[3] == {"c1": bought_at + 60 * DAY}
+        # An older tick never moves the clock back.
+        await engine.process([tick(5, bought_at, partition=3)])
+        assert await store.clock(3) == due + LATENESS
+        assert (await engine.process_due(3)).notifications == []
+
+    asyncio.run(scenario())
+
+
+def test_tick_beyond_the_allowed_skew_is_dead_lettered_and_moves_no_clock() -> None:
+    async def scenario() -> None:
+        store = MemoryStore()
+        engine = timer_engine(store, Clock(WALL), "event")
+        skew = POLICY.input.max_future_skew_minutes * 60
+        outcome = await engine.process(
+            [tick(1, WALL + skew, partition=1), tick(2, WALL + skew + 1, partition=2)]
+        )
+        assert [(row[0], row[1], row[3]) for row in dead_letter_rows(outcome)] == [
+            (2, 2, RejectReason.FUTURE_TIMESTAMP)
+        ]
+        assert (await store.clock(1), await store.clock(2)) == (WALL + skew, None)
+        assert outcome.applied == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("clock_mode", ["wall", "event"])
+def test_redelivered_batch_after_process_due_does_not_fire_again(clock_mode: ClockMode) -> None:
+    bought_at = WALL - 20 * DAY
+    batch = [shopped(1, "f1", "c1", bought_at), shopped(2, "t1", "c2", bought_at, "toys")]
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        clock = Clock(bought_at)
+        engine = timer_engine(store, clock, clock_mode)
+        await engine.confirm(await engine.process(batch))
+        clock.now = WALL
+        if clock_mode == "event":
+            await engine.process([tick(3, WALL, partition=0)])
+        fired = await engine.process_due(0)
+        assert reminders(fired) == [
+            ("c1", at(bought_at + FORMULA_DUE), f"reminder:infant_formula@{bought_at}")
+        ]
+        await engine.confirm(fired)
+        before = await snapshot(store)
+
+        again = await engine.process(batch)
+        assert (again.applied, again.duplicates) == (0, 2)
+        assert again.notifications == []
+        assert again.outbox_versions == {}
+        assert await snapshot(store) == before  # nothing written
+        await engine.confirm(again)
+        assert (await engine.process_due(0)).notifications == []
+        assert await snapshot(store) == before
+
+    asyncio.run(scenario())
+
+
+def test_customer_with_no_timers_left_is_unindexed() -> None:
+    window_end = (WALL // DAY + 365) * DAY  # the purchase leaves the 365-day window
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        clock = Clock(WALL)
+        engine = timer_engine(store, clock)
+        await engine.confirm(
+            await engine.process([shopped(1, "t1", "c1", WALL, "toys", partition=4)])
+        )
+        clock.now = WALL + 200 * DAY
+        lapsed = await engine.process_due(4)
+        assert [(n.type.value, n.occurred_at) for n in lapsed.notifications] == [
+            ("lifecycle_changed", at(WALL + 60 * DAY)),
+            ("win_back_offer", at(WALL + 120 * DAY)),
+            ("lifecycle_changed", at(WALL + 180 * DAY)),
+        ]
+        assert lapsed.timers == {"c1": TimerEntry(4, window_end)}  # churned: the window left
+        await engine.confirm(lapsed)
+        assert store.timers[4] == {"c1": window_end}
+
+        store.timers[4]["ghost"] = WALL  # indexed, but no record
+        clock.now = window_end
+        expired = await engine.process_due(4)
+        assert (expired.notifications, expired.timers_fired, expired.timers) == ([], 1, {})
+        # Nothing left to fire and nothing to produce: out of the index at once.
+        assert store.timers[4] == {}
+        assert await store.next_due_in(4) is None
+        stored = await state_of(store, "c1")
+        assert stored.state is not None
+        assert (stored.state.stage, stored.state.buckets, stored.outbox) == ("churned", {}, ())
+        await engine.confirm(expired)
+        assert store.timers[4] == {}
+        clock.now = WALL + 4000 * DAY
+        assert await engine.process_due(4) == BatchOutcome()
+
+    asyncio.run(scenario())
+
+
+def test_outbox_of_the_last_timers_survives_a_crash_before_it_was_produced() -> None:
+    async def scenario() -> None:
+        store = MemoryStore()
+        clock = Clock(WALL)
+        engine = timer_engine(store, clock)
+        await engine.confirm(await engine.process([shopped(1, "t1", "c1", WALL, "toys")]))
+        clock.now = WALL + 400 * DAY
+        lost = await engine.process_due(0)  # its outputs never reach the broker
+        assert [n.type.value for n in lost.notifications] == [
+            "lifecycle_changed",
+            "win_back_offer",
+            "lifecycle_changed",
+        ]
+        assert (lost.timers_fired, lost.timers) == (4, {})  # the window expired too
+        assert store.timers[0] == {"c1": WALL + 60 * DAY}  # kept while the outbox waits
+
+        restarted = timer_engine(store, clock)
+        resent = await restarted.process_due(0)
+        assert resent.notifications == lost.notifications
+        assert resent.timers_fired == 0
+        await restarted.confirm(resent)
+        assert (await state_of(store, "c1")).outbox == ()
+        # Produced and confirmed: the next poll finds nothing and unindexes the customer.
+        final = await restarted.process_due(0)
+        assert (final.notifications, final.timers_fired) == ([], 0)
+        assert store.timers[0] == {}
 
     asyncio.run(scenario())

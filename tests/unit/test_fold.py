@@ -33,6 +33,7 @@ from streams.events import (
     Cause,
     InputEvent,
     Item,
+    Notification,
     NotificationType,
     Purchase,
     Refund,
@@ -100,6 +101,16 @@ def fold(events: Sequence[InputEvent], now: int = NOW) -> tuple[CustomerState, l
     return state, decisions
 
 
+def tier_notes(decisions: Sequence[Decision]) -> list[Notification]:
+    """The tier notifications of a fold (purchases also emit lifecycle changes)."""
+    return [
+        n
+        for d in decisions
+        for n in d.notifications
+        if n.type in (NotificationType.TIER_UPGRADED, NotificationType.TIER_DOWNGRADED)
+    ]
+
+
 def applied(state: CustomerState | None, event: InputEvent, now: int = NOW) -> Decision:
     decision = apply(state, event, POLICY, now)
     assert decision.rejection is None, decision.rejection
@@ -116,7 +127,14 @@ def test_first_purchase_sets_first_last_lifetime_and_window() -> None:
     decision = applied(None, purchase("p1", when, "19.99", categories=["formula"]))
     state = decision.state
     assert state is not None
-    assert decision.notifications == ()
+    # The only notification is the lifecycle step potential -> new, at the evaluation time.
+    assert [
+        (n.type, n.explanation["previous_stage"], n.explanation["new_stage"])
+        for n in decision.notifications
+    ] == [(NotificationType.LIFECYCLE_CHANGED, "potential", "new")]
+    assert decision.notifications[0].cause == Cause(kind="event", id="p1")
+    assert decision.notifications[0].occurred_at == at(NOW)
+    assert (decision.effects, decision.gaps) == ((), ())  # "formula" has no repurchase cycle
     assert decision.changed
     assert state.customer_id == CUSTOMER
     assert state.first_purchase_at == when
@@ -130,6 +148,13 @@ def test_first_purchase_sets_first_last_lifetime_and_window() -> None:
     assert state.seen == {event_key("p1"): [0, when // DAY, 1999, 0]}
     assert state.tier == "member"
     assert state.tier_since is None
+    assert (state.stage, state.stage_since) == ("new", NOW)
+    assert (state.reminded, state.deferred, state.marketing_sent, state.win_back_for) == (
+        {},
+        {},
+        [],
+        None,
+    )
 
 
 def test_earlier_purchase_moves_first_not_last() -> None:
@@ -506,7 +531,12 @@ def test_crossing_silver_emits_one_explained_upgrade() -> None:
     assert decision.state is not None
     assert decision.state.tier == "silver"
     assert decision.state.tier_since == NOW
-    assert len(decision.notifications) == 1
+    # The repeat purchase also makes the customer active (after the tier change).
+    assert [n.type for n in decision.notifications] == [
+        NotificationType.TIER_UPGRADED,
+        NotificationType.LIFECYCLE_CHANGED,
+    ]
+    assert decision.notifications[1].explanation["new_stage"] == "active"
     note = decision.notifications[0]
     assert note.type is NotificationType.TIER_UPGRADED
     assert note.customer_id == CUSTOMER
@@ -550,7 +580,12 @@ def test_jumping_tiers_emits_one_notification_to_the_highest() -> None:
     small = [purchase(f"s{i}", NOW - (i + 1) * DAY, "10") for i in range(7)]
     state, decisions = fold(small)
     assert state.tier == "member"
-    assert all(d.notifications == () for d in decisions)
+    # No tier change on the way; only the lifecycle steps of the first and second purchase.
+    assert [[n.explanation["new_stage"] for n in d.notifications] for d in decisions] == [
+        ["new"],
+        ["active"],
+        *[[]] * 5,
+    ]
     decision = applied(state, purchase("big", NOW, "3000"))
     assert decision.state is not None
     assert decision.state.tier == "platinum"
@@ -582,7 +617,10 @@ def test_purchases_outside_the_window_do_not_qualify() -> None:
         [purchase("p1", NOW - 400 * DAY, "200"), purchase("p2", NOW - DAY, "200")]
     )
     assert state.tier == "member"
-    assert all(d.notifications == () for d in decisions)
+    assert tier_notes(decisions) == []
+    assert [n.type for d in decisions for n in d.notifications] == [
+        NotificationType.LIFECYCLE_CHANGED
+    ] * 2
 
 
 @pytest.mark.parametrize(
@@ -605,6 +643,27 @@ def test_qualifying_tier_thresholds(orders: int, spend: int, tier: str) -> None:
 # -- summarize and serialisation -------------------------------------------------------------
 
 
+SUMMARY_KEYS = (
+    "customer_id",
+    "first_purchase_at",
+    "last_purchase_at",
+    "recency_days",
+    "frequency",
+    "monetary",
+    "average_order_value",
+    "lifetime_orders",
+    "lifetime_spend",
+    "currency",
+    "tier",
+    "tier_since",
+    "lifecycle",
+    "lifecycle_since",
+    "categories",
+    "as_of",
+    "policy_version",
+)
+
+
 def test_summarize() -> None:
     t1, t2 = NOW - 10 * DAY, NOW - 5 * DAY - 3600
     state, _ = fold(
@@ -614,7 +673,9 @@ def test_summarize() -> None:
             purchase("p0", NOW - 500 * DAY, "1"),
         ]
     )
-    assert summarize(state, POLICY, NOW) == {
+    view = summarize(state, POLICY, NOW)
+    # Segment fields (RFM type, scores, grade, ...) are covered by the segment tests.
+    assert {key: view[key] for key in SUMMARY_KEYS} == {
         "customer_id": CUSTOMER,
         "first_purchase_at": "2025-01-17T12:00:00Z",
         "last_purchase_at": "2026-05-27T11:00:00Z",
@@ -627,6 +688,8 @@ def test_summarize() -> None:
         "currency": "EUR",
         "tier": "silver",
         "tier_since": "2026-06-01T12:00:00Z",
+        "lifecycle": "active",
+        "lifecycle_since": "2026-06-01T12:00:00Z",
         "categories": {
             "formula": {"last_purchase_at": "2026-05-27T11:00:00Z", "count": 2},
             "toys": {"last_purchase_at": "2026-05-27T11:00:00Z", "count": 1},
@@ -640,6 +703,7 @@ def test_summarize() -> None:
         0,
         None,
     )
+    assert (empty["lifecycle"], empty["lifecycle_since"]) == ("potential", None)
 
 
 def test_state_with_refunds_round_trips_through_json() -> None:
@@ -697,11 +761,20 @@ def histories(draw: st.DrawFn) -> tuple[int, list[Purchase]]:
 
 def fold_counting(
     events: Sequence[Purchase], now: int
-) -> tuple[CustomerState, int, list[dict[str, object]]]:
+) -> tuple[CustomerState, int, list[dict[str, object]], list[tuple[str, str]]]:
+    """The state, the duplicates, the tier explanations and the lifecycle steps of a fold."""
     state, decisions = fold(events, now)
     duplicates = sum(d.duplicate for d in decisions)
-    explanations = [n.explanation for d in decisions for n in d.notifications]
-    return state, duplicates, explanations
+    explanations = [n.explanation for n in tier_notes(decisions)]
+    stages = [
+        (n.explanation["previous_stage"], n.explanation["new_stage"])
+        for d in decisions
+        for n in d.notifications
+        if n.type is NotificationType.LIFECYCLE_CHANGED
+    ]
+    others = [d for d in decisions for n in d.notifications]
+    assert len(others) == len(explanations) + len(stages)  # no other kind from a purchase
+    return state, duplicates, explanations, stages
 
 
 @settings(max_examples=200, deadline=None)
@@ -712,11 +785,15 @@ def test_any_order_gives_the_same_state(
     now, events = history
     for event in events:
         assert screen(event, POLICY, now, now) is None
-    state, _, explanations = fold_counting(events, now)
+    state, _, explanations, stages = fold_counting(events, now)
     shuffled = data.draw(st.permutations(events))
-    other, duplicates, other_explanations = fold_counting(shuffled, now)
+    other, duplicates, other_explanations, other_stages = fold_counting(shuffled, now)
     assert other.to_json() == state.to_json()
     assert duplicates == 0
+    # Without timers (no advance) the lifecycle is new after one purchase, active after two.
+    expected = [("potential", "new")] + ([("new", "active")] if len(events) > 1 else [])
+    assert stages == other_stages == expected
+    assert (state.stage, state.stage_since) == (expected[-1][1], now)
     # The tier is the qualifying tier of the final window, reached by strict upgrades.
     orders, spend = state.window(now, POLICY.window_days)
     assert state.tier == qualifying_tier(POLICY, orders, spend).name
@@ -733,7 +810,7 @@ def test_any_duplication_gives_the_same_state(
     history: tuple[int, list[Purchase]], data: st.DataObject
 ) -> None:
     now, events = history
-    state, _, _ = fold_counting(events, now)
+    state, _, _, stages = fold_counting(events, now)
     repeats = data.draw(
         st.lists(st.integers(min_value=0, max_value=len(events) - 1), min_size=1, max_size=40)
     )
@@ -743,9 +820,10 @@ def test_any_duplication_gives_the_same_state(
         assert isinstance(copy, Purchase)
         redelivered.append(copy)
     stream = data.draw(st.permutations(events + redelivered))
-    other, duplicates, _ = fold_counting(stream, now)
+    other, duplicates, _, other_stages = fold_counting(stream, now)
     assert other.to_json() == state.to_json()
     assert duplicates == len(repeats)
+    assert other_stages == stages  # a duplicate never moves the lifecycle again
 
 
 @settings(max_examples=200, deadline=None)

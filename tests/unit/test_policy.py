@@ -235,3 +235,212 @@ def test_load_policy_names_the_file_of_an_invalid_policy(tmp_path: Path) -> None
 
 def test_policy_error_is_a_value_error() -> None:
     assert issubclass(PolicyError, ValueError)
+
+
+# -- time-driven sections: lifecycle, repurchase, win-back, marketing --------------------------
+
+
+def test_default_policy_time_driven_sections() -> None:
+    policy = parse_policy(default_rules_file().read_text(encoding="utf-8"))
+    assert (policy.lifecycle.at_risk_after_days, policy.lifecycle.churned_after_days) == (60, 180)
+    assert policy.repurchase.min_samples == 30
+    assert sorted(policy.repurchase.categories) == ["diapers", "infant_formula"]
+    formula = policy.repurchase.categories["infant_formula"]
+    assert (formula.interval_days, formula.lead_days, formula.learn) == (21, 7, False)
+    assert formula.promotion.model_dump() == {
+        "description": "20 % off everything else this week",
+        "discount_percent": Decimal("20"),
+        "applies_to": "other_categories",
+        "valid_days": 7,
+    }
+    diapers = policy.repurchase.categories["diapers"]
+    assert (diapers.interval_days, diapers.lead_days, diapers.learn) == (30, 5, True)
+    assert policy.win_back is not None
+    assert policy.win_back.after_days == 120
+    assert (policy.win_back.promotion.discount_percent, policy.win_back.promotion.valid_days) == (
+        Decimal("15"),
+        14,
+    )
+    marketing = policy.marketing
+    assert (marketing.timezone, marketing.max_messages, marketing.per_days) == (
+        "Europe/Berlin",
+        2,
+        7,
+    )
+    assert marketing.quiet_hours is not None
+    assert (marketing.quiet_hours.start_hour, marketing.quiet_hours.end_hour) == (21, 8)
+
+
+def test_time_driven_sections_default_when_omitted() -> None:
+    policy = parse_policy(policy_text())
+    assert (policy.lifecycle.at_risk_after_days, policy.lifecycle.churned_after_days) == (60, 180)
+    assert (policy.repurchase.min_samples, policy.repurchase.categories) == (30, {})
+    assert policy.win_back is None
+    assert (policy.marketing.timezone, policy.marketing.quiet_hours) == ("UTC", None)
+    assert (policy.marketing.max_messages, policy.marketing.per_days) == (2, 7)
+
+
+PROMOTION = {"description": "20 % off", "discount_percent": "20"}
+
+
+def _timed(d: dict[str, Any]) -> None:
+    """A valid set of time-driven sections for the cases below to break."""
+    d["lifecycle"] = {"at_risk_after_days": 60, "churned_after_days": 180}
+    d["repurchase"] = {
+        "min_samples": 5,
+        "categories": {
+            "formula": {"interval_days": 21, "lead_days": 7, "promotion": dict(PROMOTION)}
+        },
+    }
+    d["win_back"] = {"after_days": 120, "promotion": dict(PROMOTION)}
+    d["marketing"] = {
+        "timezone": "Europe/Berlin",
+        "max_messages": 2,
+        "per_days": 7,
+        "quiet_hours": {"start_hour": 21, "end_hour": 8},
+    }
+
+
+def timed_text(change: Callable[[dict[str, Any]], Any] | None = None) -> str:
+    def both(d: dict[str, Any]) -> None:
+        _timed(d)
+        if change is not None:
+            change(d)
+
+    return policy_text(both)
+
+
+def test_time_driven_sections_parse() -> None:
+    policy = parse_policy(timed_text())
+    assert policy.repurchase.categories["formula"].promotion.applies_to == "all"  # default
+    assert policy.repurchase.categories["formula"].promotion.valid_days == 7  # default
+    assert policy.repurchase.categories["formula"].learn is False
+
+
+def _formula(d: dict[str, Any]) -> dict[str, Any]:
+    return d["repurchase"]["categories"]["formula"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d: d["lifecycle"].update(churned_after_days=60),
+            "lifecycle: Value error, churned_after_days must be greater than at_risk_after_days",
+        ),
+        (
+            lambda d: d["lifecycle"].update(churned_after_days=59),
+            "lifecycle: Value error, churned_after_days must be greater than at_risk_after_days",
+        ),
+        (lambda d: d["lifecycle"].update(at_risk_after_days=0), "lifecycle.at_risk_after_days: "),
+        (
+            lambda d: _formula(d).update(lead_days=21),
+            "repurchase.categories.formula: Value error, lead_days must be smaller than "
+            "interval_days",
+        ),
+        (
+            lambda d: _formula(d).update(lead_days=30),
+            "repurchase.categories.formula: Value error, lead_days must be smaller than "
+            "interval_days",
+        ),
+        (lambda d: _formula(d).update(lead_days=-1), "repurchase.categories.formula.lead_days: "),
+        (lambda d: _formula(d).pop("promotion"), "repurchase.categories.formula.promotion: "),
+        (
+            lambda d: _formula(d)["promotion"].update(discount_percent="0"),
+            "repurchase.categories.formula.promotion.discount_percent: ",
+        ),
+        (
+            lambda d: _formula(d)["promotion"].update(discount_percent="100.5"),
+            "repurchase.categories.formula.promotion.discount_percent: ",
+        ),
+        (
+            lambda d: d["win_back"]["promotion"].update(applies_to="everyone"),
+            "win_back.promotion.applies_to: ",
+        ),
+        (lambda d: d["repurchase"].update(min_samples=0), "repurchase.min_samples: "),
+        (
+            lambda d: d["marketing"].update(timezone="Mars/Olympus_Mons"),
+            "marketing: Value error, unknown time zone 'Mars/Olympus_Mons'",
+        ),
+        (
+            lambda d: d["marketing"].update(timezone="../../etc/passwd"),
+            "marketing: Value error, unknown time zone '../../etc/passwd'",
+        ),
+        (
+            lambda d: d["marketing"].update(timezone=""),
+            "marketing: Value error, unknown time zone ''",
+        ),
+        (
+            lambda d: d["marketing"]["quiet_hours"].update(end_hour=21),
+            "marketing.quiet_hours: Value error, quiet hours need start_hour != end_hour",
+        ),
+        (
+            lambda d: d["marketing"]["quiet_hours"].update(start_hour=0, end_hour=0),
+            "marketing.quiet_hours: Value error, quiet hours need start_hour != end_hour",
+        ),
+        (
+            lambda d: d["marketing"]["quiet_hours"].update(end_hour=24),
+            "marketing.quiet_hours.end_hour: ",
+        ),
+        (lambda d: d["marketing"].update(max_messages=0), "marketing.max_messages: "),
+        (lambda d: d["marketing"].update(per_days=0), "marketing.per_days: "),
+        (lambda d: d["marketing"].update(quiet=True), "marketing.quiet: Extra inputs"),
+    ],
+    ids=[
+        "churn-equal-to-at-risk",
+        "churn-before-at-risk",
+        "at-risk-zero",
+        "lead-equal-to-interval",
+        "lead-beyond-interval",
+        "negative-lead",
+        "reminder-without-promotion",
+        "zero-discount",
+        "discount-over-100",
+        "unknown-applies-to",
+        "min-samples-zero",
+        "unknown-time-zone",
+        "time-zone-path",
+        "empty-time-zone",
+        "equal-quiet-hours",
+        "equal-quiet-hours-midnight",
+        "quiet-hour-24",
+        "cap-zero-messages",
+        "cap-zero-days",
+        "unknown-marketing-key",
+    ],
+)
+def test_invalid_time_driven_policy_names_the_problem(
+    change: Callable[[dict[str, Any]], Any], message: str
+) -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_policy(timed_text(change), "rules.yaml")
+    error = str(info.value)
+    assert error.startswith("rules.yaml: invalid policy:\n  - "), error
+    assert message in error, error
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d["lifecycle"].update(churned_after_days=61),
+        lambda d: _formula(d).update(lead_days=20),
+        lambda d: _formula(d).update(lead_days=0),
+        lambda d: d["marketing"].update(timezone="UTC"),
+        lambda d: d["marketing"].update(timezone="America/Argentina/Buenos_Aires"),
+        lambda d: d["marketing"]["quiet_hours"].update(start_hour=1, end_hour=5),
+        lambda d: d["marketing"].pop("quiet_hours"),
+        lambda d: d.pop("win_back"),
+    ],
+    ids=[
+        "churn-one-day-after-at-risk",
+        "lead-one-below-interval",
+        "no-lead",
+        "utc",
+        "three-part-zone",
+        "quiet-hours-not-wrapping",
+        "no-quiet-hours",
+        "no-win-back",
+    ],
+)
+def test_time_driven_limits_that_are_allowed(change: Callable[[dict[str, Any]], Any]) -> None:
+    assert isinstance(parse_policy(timed_text(change)), Policy)
