@@ -256,17 +256,17 @@ class Engine:
             now = evaluation_time(self.clock_mode, fold.state, event, wall_now)
             rejection = screen(event, self.policy, max(now, global_clock), wall_now)
             if rejection is None:
-                if fold.state is not None:
-                    moved = advance(fold.state, self.policy, now, learned)
-                    if moved.changed:
-                        fold.state = moved.state
-                        notifications.extend(moved.notifications)
-                        fold.effects.extend(moved.effects)
-                decision = apply(fold.state, event, self.policy, now)
+                # Timers due before this event fire first, but only count if the event is
+                # applied: a refused or duplicate event must not move the customer's time.
+                moved = advance(fold.state, self.policy, now, learned) if fold.state else None
+                decision = apply(moved.state if moved else fold.state, event, self.policy, now)
                 rejection = decision.rejection
                 if decision.duplicate:
                     fold.duplicates += 1
                 elif rejection is None:
+                    if moved is not None and moved.changed:
+                        notifications.extend(moved.notifications)
+                        fold.effects.extend(moved.effects)
                     fold.state = decision.state
                     notifications.extend(decision.notifications)
                     fold.effects.extend(decision.effects)

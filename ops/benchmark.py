@@ -69,7 +69,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,7 +90,7 @@ from memberflow.services import (  # noqa: E402
 )
 from memberflow.settings import Settings  # noqa: E402
 from memberflow.synthetic import CATEGORIES, customer_id  # noqa: E402
-from rules.customer import DAY, CustomerState, event_key  # noqa: E402
+from rules.customer import DAY, event_key  # noqa: E402
 from state import keys  # noqa: E402
 
 DEFAULT_EVENTS = 200_000
@@ -1245,68 +1245,90 @@ def run_profile(bench: Bench, topic: str, events: int, out: Path) -> dict[str, A
 
 
 def prefill_customers(bench: Bench, customers: int, before: float) -> dict[str, Any]:
-    """Write `customers` customer hashes in the store's format (v=1, s=state JSON), each with one
-    purchase 30 days before `before`: the keyspace a shop of that size has."""
+    """Write `customers` customer hashes (v=1, s=state JSON) as the engine would after one
+    purchase a day before `before`: the keyspace a shop of that size has. The state is made by
+    the product's own decoder and fold (rules.customer.apply) once, then given each customer's
+    id and event key. Prefilled customers are not put in the timer index, so their time-driven
+    work (which scales with the population, not with the events) is not part of the run."""
+    import copy
+
+    from memberflow.policy_file import load_policy
+    from memberflow.settings import default_rules_file
+    from rules.customer import apply
+    from streams.codec import decode_event
+
     started = time.perf_counter()
+    policy = load_policy(default_rules_file())
+    occurred = before - DAY
+    _, raw = purchase(random.Random(1), "pre-template", "cust-template", occurred, "59.90")
+    event = decode_event(raw)
+    template = apply(None, event, policy, int(occurred)).state  # type: ignore[arg-type]
+    if template is None or len(template.seen) != 1:
+        raise RuntimeError("could not build a prefill state with rules.customer.apply")
+    (seen_value,) = template.seen.values()
     client = bench.data_client()
-    rng = random.Random(f"prefill:{bench.args.seed}")
-    occurred = int(before - 30 * DAY)
-    day = occurred // DAY
     chunk = 5_000
     for low in range(0, customers, chunk):
         pipe = client.pipeline(transaction=False)
         for number in range(low + 1, min(customers, low + chunk) + 1):
-            cid = customer_id(number)
-            amount = rng.randint(500, 15_000)
-            state = CustomerState(
-                customer_id=cid,
-                first_purchase_at=occurred,
-                last_purchase_at=occurred,
-                latest_event_at=occurred,
-                lifetime_orders=1,
-                lifetime_spend=amount,
-                buckets={day: [1, amount]},
-                categories={rng.choice(CATEGORIES): [occurred, 1]},
-                seen={event_key(f"pre-{number}"): [0, day, amount, 0]},
-                tier="member",
-            )
-            pipe.hset(keys.customer(cid), mapping={"v": 1, "s": state.to_json()})
+            state = copy.copy(template)
+            state.customer_id = customer_id(number)
+            state.seen = {event_key(f"pre-{number}"): seen_value}
+            pipe.hset(keys.customer(state.customer_id), mapping={"v": 1, "s": state.to_json()})
         pipe.execute()
     seconds = time.perf_counter() - started
     say(f"prefilled {customers:,} customers in {seconds:.1f}s")
-    return {"customers": customers, "seconds": round(seconds, 1)}
+    return {
+        "customers": customers,
+        "seconds": round(seconds, 1),
+        "state_bytes": len(template.to_json()),
+    }
 
 
-def run_sweep(bench: Bench, sizes: list[int], events: int) -> list[dict[str, Any]]:
-    rows = []
-    for size in sizes:
-        topic = f"bench.sweep.{size}"
-        loaded = preload(bench, topic, events, size)
-        prepare = None
-        if bench.args.sweep_prefill:
-            first_event = time.time() - DAY - 330 * DAY
+def run_sweep_size(bench: Bench, size: int, events: int) -> dict[str, Any]:
+    """(c) over N events for `size` customers, Redis pre-filled with all of them (by default)."""
+    topic = f"bench.sweep.{size}"
+    loaded = preload(bench, topic, events, size)
+    prepare = None
+    if bench.args.sweep_prefill:
+        first_event = time.time() - DAY - 330 * DAY
 
-            def prepare(size: int = size, first_event: float = first_event) -> dict[str, Any]:
-                return prefill_customers(bench, size, first_event)
+        def prepare() -> dict[str, Any]:
+            return prefill_customers(bench, size, first_event)
 
+    try:
         run = run_memberflow(bench, f"sweep-{size}", topic, events, prepare=prepare)
+    finally:
         delete_topic(bench, topic)
-        memory = run.result["memory"]
-        rows.append(
-            {
-                "customers": size,
-                "events": events,
-                "events_per_s": run.result["events_per_s"],
-                "customers_stored": memory["customers_stored"],
-                "bytes_per_customer": memory["bytes_per_customer"],
-                "memory_usage_mean": memory["memory_usage_mean"],
-                "used_memory_after": memory["used_memory_after"],
-                "prefilled": bool(bench.args.sweep_prefill),
-                "preload": loaded,
-                "run": run.result,
-            }
-        )
-    return rows
+    memory = run.result["memory"]
+    return {
+        "customers": size,
+        "events": events,
+        "events_per_s": run.result["events_per_s"],
+        "notifications": run.result["notifications"],
+        "customers_stored": memory["customers_stored"],
+        "bytes_per_customer": memory["bytes_per_customer"],
+        "memory_usage_mean": memory["memory_usage_mean"],
+        "used_memory_after": memory["used_memory_after"],
+        "prefilled": bool(bench.args.sweep_prefill),
+        "preload": loaded,
+        "run": run.result,
+    }
+
+
+@contextlib.contextmanager
+def phase_errors(results: dict[str, Any], phase: str) -> Iterator[None]:
+    """Record a phase that failed (e.g. a worker that crashed) and go on with the others."""
+    try:
+        yield
+    except Exception as exc:
+        text = str(exc)
+        results.setdefault("errors", {})[phase] = text[-4000:]
+        first = text.strip().splitlines()[0] if text.strip() else repr(exc)
+        say(f"({phase}) FAILED: {first}")
+        crash = [line for line in text.splitlines() if "Error" in line or "Exception" in line]
+        if crash:
+            say(f"({phase}) last error line: {crash[-1].strip()[:300]}")
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -1441,6 +1463,7 @@ def report(results: dict[str, Any]) -> str:
                 f"{row['customers_stored']:,}",
                 f"{row['events']:,}",
                 f"{row['events_per_s']:,}" if row["events_per_s"] else "n/a",
+                f"{row['notifications'] / row['events']:.2f}",
                 row["bytes_per_customer"],
                 row["memory_usage_mean"],
             ]
@@ -1453,6 +1476,7 @@ def report(results: dict[str, Any]) -> str:
                     "stored",
                     "events",
                     "events/s",
+                    "notif./event",
                     "B/customer",
                     "MEMORY USAGE",
                 ],
@@ -1481,6 +1505,16 @@ def report(results: dict[str, Any]) -> str:
         )
     elif profile:
         out.append(f"profile: {profile.get('skipped')}")
+    errors = results.get("errors")
+    if errors:
+        out.append("")
+        for phase, text in errors.items():
+            lines = [line for line in text.splitlines() if line.strip()]
+            cause = next(
+                (ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[0]
+            )
+            out.append(f"FAILED {phase}: {lines[0][:160]}")
+            out.append(f"       cause: {cause.strip()[:300]}")
     out.append("")
     out.append(
         format_table(
@@ -1686,64 +1720,70 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         for phase, key, script, mode in baselines:
             if phase in args.phases:
-                bench.flushall()
-                runs = [
-                    run_baseline(bench, key, script, mode, topic, events)
-                    for _ in range(args.repeat)
-                ]
-                results["throughput"][key] = median_run(runs)
+                with phase_errors(results, key):
+                    bench.flushall()
+                    runs = [
+                        run_baseline(bench, key, script, mode, topic, events)
+                        for _ in range(args.repeat)
+                    ]
+                    results["throughput"][key] = median_run(runs)
 
         if "c" in args.phases:
-            keep = "latency" in args.phases
-            mf_runs = []
-            for attempt in range(args.repeat):
-                last_one = attempt == args.repeat - 1
-                mf = run_memberflow(
-                    bench, "c_memberflow", topic, events, keep_running=keep and last_one
-                )
-                mf_runs.append(mf.result)
-                if mf.workers:
+            with phase_errors(results, "c_memberflow"):
+                keep = "latency" in args.phases
+                mf_runs = []
+                for attempt in range(args.repeat):
+                    last_one = attempt == args.repeat - 1
+                    mf = run_memberflow(
+                        bench, "c_memberflow", topic, events, keep_running=keep and last_one
+                    )
+                    mf_runs.append(mf.result)
                     workers = mf.workers
-            results["throughput"]["c_memberflow"] = median_run(mf_runs)
-            results["memory"] = mf_runs[-1]["memory"]
-            results["worker_rss_kib"] = mf_runs[-1]["rss_kib"]
+                results["throughput"]["c_memberflow"] = median_run(mf_runs)
+                results["memory"] = mf_runs[-1]["memory"]
+                results["worker_rss_kib"] = mf_runs[-1]["rss_kib"]
 
         if "latency" in args.phases and workers:
-            c_rate = results["throughput"]["c_memberflow"]["events_per_s"] or 1000
-            rate = args.latency_rate or c_rate / 2
-            floor = asyncio.run(
-                broker_floor(
-                    bench,
-                    rate,
-                    min(args.latency_seconds, 8.0),
-                    args.fetch_max_wait_ms or FAUST_FETCH_MAX_WAIT_MS,
+            with phase_errors(results, "latency"):
+                c_rate = results["throughput"]["c_memberflow"]["events_per_s"] or 1000
+                rate = args.latency_rate or c_rate / 2
+                floor = asyncio.run(
+                    broker_floor(
+                        bench,
+                        rate,
+                        min(args.latency_seconds, 8.0),
+                        args.fetch_max_wait_ms or FAUST_FETCH_MAX_WAIT_MS,
+                    )
                 )
-            )
-            results["latency"] = asyncio.run(
-                latency_phase(
-                    bench,
-                    workers,
-                    topic,
-                    rate,
-                    args.latency_seconds,
-                    args.probes_per_second,
-                    args.customers,
+                results["latency"] = asyncio.run(
+                    latency_phase(
+                        bench,
+                        workers,
+                        topic,
+                        rate,
+                        args.latency_seconds,
+                        args.probes_per_second,
+                        args.customers,
+                    )
                 )
-            )
-            results["latency"]["broker_floor"] = floor
-            results["worker_rss_kib_after_latency"] = [memory_kib(w.pid) for w in workers]
+                results["latency"]["broker_floor"] = floor
+                results["worker_rss_kib_after_latency"] = [memory_kib(w.pid) for w in workers]
         stop_all(workers)
         workers = []
 
         if args.profile:
-            results["profile"] = run_profile(bench, topic, events, output)
+            with phase_errors(results, "profile"):
+                results["profile"] = run_profile(bench, topic, events, output)
 
         if args.customers_sweep:
             sizes = args.customers_sweep
             if args.quick:
                 results["sweep_skipped"] = [s for s in sizes if s > QUICK_SWEEP_MAX]
                 sizes = [s for s in sizes if s <= QUICK_SWEEP_MAX]
-            results["sweep"] = run_sweep(bench, sizes, events)
+            results["sweep"] = []
+            for size in sizes:
+                with phase_errors(results, f"sweep-{size}"):
+                    results["sweep"].append(run_sweep_size(bench, size, events))
     finally:
         stop_all(workers)
         bench.close_clients()

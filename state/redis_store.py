@@ -74,7 +74,8 @@ for base = 0, #ARGV - 1, 10 do
       redis.call('HINCRBY', KEYS[5], 'n', -1)
       for i, dim in ipairs({'r', 'f', 'm'}) do
         local score = redis.call('ZSCORE', KEYS[i], cid)
-        if score then redis.call('HINCRBY', KEYS[5], dim, -tonumber(score)) end
+        -- 0 - x, not -x: Lua's -0 becomes the string "-0", which HINCRBY refuses
+        if score then redis.call('HINCRBY', KEYS[5], dim, 0 - tonumber(score)) end
       end
       bump({'tier:' .. ot, os ~= '' and ('segment:' .. os) or '',
             og ~= '' and ('grade:' .. og) or '', 'stage:' .. ost}, -1)

@@ -19,7 +19,7 @@ from rules.customer import CustomerState, apply, epoch, evaluation_time, screen
 from rules.policy import Policy, parse_policy
 from rules.timeline import advance
 from streams.codec import decode_event
-from streams.events import NotificationType, Rejection
+from streams.events import Notification, NotificationType, Rejection, Tick
 from tests.oracle import valid_rows
 from tests.oracle_timeline import (
     customer_timelines,
@@ -286,10 +286,10 @@ def _engine_timeline(
     """decode -> screen -> advance to the event -> apply, per customer in stream order, as the
     worker's fold does in `event` mode; then advance every customer to `until`."""
     states: dict[str, CustomerState] = {}
-    notes = []
+    notes: list[Notification] = []
     for entry in entries:
         event = decode_event(entry if isinstance(entry, bytes) else purchase_json(entry))
-        if isinstance(event, Rejection):
+        if isinstance(event, Rejection | Tick):
             continue
         state = states.get(event.customer_id)
         now = evaluation_time("event", state, event, epoch(wall))
