@@ -8,6 +8,7 @@ a final one, and stops by itself.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import threading
@@ -20,8 +21,6 @@ from typing import Any
 
 from memberflow.services import LocalBroker, LocalRedis, WorkerProcess, free_port
 from memberflow.synthetic import add_noise, generate_history
-from rules.customer import CustomerState
-from state import keys
 
 
 @dataclass(frozen=True)
@@ -113,26 +112,31 @@ class _Shop(threading.Thread):
             producer.close(timeout=5)
 
 
-def _distribution(redis_url: str) -> tuple[Counter[str], Counter[str]]:
-    """Customers per tier and per lifecycle stage (a scan: fine for a demo-sized shop)."""
-    import redis
+def _population(redis_url: str, publish_now: bool = False) -> dict[str, Counter[str]]:
+    """Customers per tier / segment / grade / stage, from the counters kept with the population
+    statistics (what `memberflow segments` shows). With `publish_now`, a population snapshot is
+    published first and the relabelled customers get a moment to be reclassified."""
+    from memberflow.policy_file import load_policy
+    from memberflow.population import publish
+    from memberflow.settings import default_rules_file
+    from state.redis_store import RedisStore, connect
 
-    client = redis.Redis.from_url(redis_url)
-    try:
-        tiers: Counter[str] = Counter()
-        stages: Counter[str] = Counter()
-        names = list(client.scan_iter(match=keys.CUSTOMER_PATTERN, count=1000))
-        pipe = client.pipeline(transaction=False)
-        for name in names:
-            pipe.hget(name, "s")
-        for raw in pipe.execute():
-            if raw:
-                state = CustomerState.from_json(raw)
-                tiers[state.tier] += 1
-                stages[state.stage] += 1
-        return tiers, stages
-    finally:
-        client.close()
+    async def read() -> dict[str, int]:
+        store = RedisStore(connect(redis_url))
+        try:
+            if publish_now:
+                policy = load_policy(default_rules_file())
+                if await publish(store, policy, int(time.time()), lock_wait_s=30):
+                    await asyncio.sleep(3.0)  # the worker relabels the woken customers
+            return await store.distribution()
+        finally:
+            await store.close()
+
+    grouped: dict[str, Counter[str]] = {}
+    for label, count in asyncio.run(read()).items():
+        dimension, _, name = label.partition(":")
+        grouped.setdefault(dimension, Counter())[name] = count
+    return grouped
 
 
 def run_demo(options: DemoOptions) -> int:
@@ -211,7 +215,7 @@ def _run(
             seen = worker.events_seen()
             rate = (seen - last_seen) / (now - last_tick)
             last_seen, last_tick = seen, now
-            tiers, _ = _distribution(redis_server.url)
+            tiers = _population(redis_server.url).get("tier", Counter())
             print(
                 f"  {now - started:5.0f}s  sent {shop.sent:>6}/{len(entries)}  processed "
                 f"{seen:>6}  {rate:>7,.0f} ev/s  tiers "
@@ -273,17 +277,19 @@ def _summary(
             + ", ".join(f"{r}={n}" for r, n in sorted(reasons.items())),
             file=out,
         )
-    tiers, stages = _distribution(redis_server.url)
-    print(
-        "  customers per tier: "
-        + ", ".join(f"{style(name, '32')}={n}" for name, n in sorted(tiers.items())),
-        file=out,
-    )
-    print(
-        "  customers per lifecycle stage: "
-        + ", ".join(f"{name}={n}" for name, n in sorted(stages.items())),
-        file=out,
-    )
+    population = _population(redis_server.url, publish_now=True)
+    for dimension, title in (
+        ("tier", "tier"),
+        ("stage", "lifecycle stage"),
+        ("segment", "RFM type"),
+        ("grade", "grade"),
+    ):
+        counts = population.get(dimension, Counter())
+        print(
+            f"  customers per {title}: "
+            + ", ".join(f"{style(name, '32')}={n}" for name, n in counts.most_common()),
+            file=out,
+        )
     print(
         "  notifications: "
         + (", ".join(f"{kind}={n}" for kind, n in sorted(notifications.by_type.items())) or "none"),

@@ -24,6 +24,7 @@ from tests.faults.harness import (
     DAY,
     PARTITIONS,
     Feeder,
+    KillSwitch,
     alive,
     make_workload,
     pending_outboxes,
@@ -38,7 +39,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 KILLS = 5
 LATENESS_S = 7 * DAY  # timers fire during the replay too, so kills hit timer batches as well
-FEED_S = 30.0  # the replay is spread over the kill phase
+FEED_S = 35.0  # the replay is spread over the kill phase
 
 
 @pytest.mark.timeout(240)
@@ -63,13 +64,25 @@ def test_worker_kill_9_under_load_loses_and_doubles_nothing(
     kills: list[str] = []
     try:
         for number in range(1, KILLS + 1):
-            delay = rng.uniform(0.2, 2.5)
-            time.sleep(delay)
+            time.sleep(rng.uniform(0.5, 4.0))  # long enough, at times, for offsets to commit
             alive([worker])
-            worker.kill()
+            if number % 2:
+                how = "at a random moment"
+                worker.kill()
+            else:
+                # Right after a customer write, plus up to 30 ms: inside the save pipeline,
+                # between it and producing the outbox, or while producing it.
+                delay = rng.uniform(0.0, 0.03)
+                how = f"{delay * 1000:.0f} ms after a state write"
+                switch = KillSwitch(aof_redis, worker, delay).arm()
+                try:
+                    assert switch.fired.wait(20), "no state write within 20 s"
+                finally:
+                    switch.disarm()
+                worker.kill()  # reap it
             # An outbox still in Redis: this kill came after a Redis step and before confirm().
             kills.append(
-                f"kill {number}: {delay:.2f}s after ready, {feeder.sent} published, "
+                f"kill {number} {how}: {feeder.sent} published, "
                 f"{len(pending_outboxes(aof_redis))} outboxes pending"
             )
             worker.start()
