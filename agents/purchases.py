@@ -80,12 +80,13 @@ def register(app: faust.App, runtime: Runtime) -> None:
     @app.timer(interval=settings.snapshot_check_s)
     async def publish_snapshot() -> None:
         """Publish population thresholds on the policy interval (one worker wins the lock)."""
-        from memberflow.population import current_snapshot, publish
+        from memberflow.population import adopt_policy, current_snapshot, publish
 
         engine = runtime.engine()
         now = int(time.time())
         interval = runtime.policy.segments.snapshot_interval_minutes * 60
         try:
+            await engine.retry("policy", partial(adopt_policy, engine.store, runtime.policy))
             latest = await engine.retry("snapshot", partial(current_snapshot, engine.store))
             if latest is None or now - latest.published_at >= interval:
                 await engine.retry("publish", partial(publish, engine.store, runtime.policy, now))

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
 
 import faust
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from memberflow.engine import BatchOutcome, Engine
 from memberflow.metrics import Metrics
 from memberflow.settings import Settings
+from memberflow.web import notification_ring, register_views
 from rules.policy import Policy
 from state.redis_store import RedisStore, connect
 from streams.events import Notification
@@ -23,6 +24,7 @@ class Runtime:
     settings: Settings
     policy: Policy
     metrics: Metrics = field(default_factory=Metrics)
+    recent_notifications: deque[Notification] = field(default_factory=notification_ring)
     _engine: Engine | None = None
     _lock: asyncio.Lock | None = None
 
@@ -87,14 +89,7 @@ def create_app(runtime: Runtime) -> faust.App:
 
     register(app, runtime)
 
-    @app.page("/metrics")
-    async def metrics_view(view: faust.web.View, request: faust.web.Request) -> faust.web.Response:
-        body = generate_latest(runtime.metrics.registry)
-        return view.bytes(body, content_type=CONTENT_TYPE_LATEST.split(";")[0])
-
-    @app.page("/health")
-    async def health_view(view: faust.web.View, request: faust.web.Request) -> faust.web.Response:
-        return view.json({"status": "ok"})
+    register_views(app, runtime)  # HTTP API, status page, /metrics, /health (memberflow/web.py)
 
     return app
 
@@ -122,6 +117,7 @@ async def publish(app: faust.App, settings: Settings, outcome: BatchOutcome) -> 
         )
     if pending:
         await asyncio.gather(*pending)
+    app.memberflow.recent_notifications.extend(outcome.notifications)  # type: ignore[attr-defined]
 
 
 def _key(notification: Notification) -> bytes:

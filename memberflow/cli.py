@@ -18,7 +18,7 @@ from memberflow.policy_file import load_policy
 from memberflow.settings import Settings
 from rules.customer import epoch, summarize
 from rules.policy import Policy, PolicyError
-from rules.timeline import describe_pending, learned_interval
+from rules.timeline import learned_interval
 
 EXIT_USAGE = 2  # bad input from the user: bad policy, unreachable service, bad file
 
@@ -126,18 +126,19 @@ async def _as_of(store: Any, settings: Settings, as_of: str | None) -> int:
 
 
 def cmd_customer(args: argparse.Namespace) -> int:
+    # The same document as the worker's GET /customers/{id}: one function builds both.
+    from memberflow.views import InvalidCustomerId, check_customer_id, customer_view
+
     settings = _settings()
     policy = _policy(settings)
+    try:
+        customer_id = check_customer_id(args.customer_id)
+    except InvalidCustomerId as exc:
+        raise CliError(str(exc)) from exc
 
     async def work(store: Any) -> dict[str, Any] | None:
-        stored = (await store.load([args.customer_id]))[args.customer_id]
-        if stored.state is None:
-            return None
-        view = summarize(stored.state, policy, await _as_of(store, settings, args.as_of))
-        learned = await _learned(store, policy)
-        view["pending_timers"] = describe_pending(stored.state, policy, learned)
-        view["pending_notifications"] = [n.model_dump(mode="json") for n in stored.outbox]
-        return view
+        as_of = await _as_of(store, settings, args.as_of)
+        return await customer_view(store, policy, customer_id, as_of)
 
     view = asyncio.run(_with_store(settings, work))
     if view is None:

@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memberflow.metrics import Metrics
 from memberflow.population import current_snapshot
-from rules.customer import CustomerState, apply, epoch, evaluation_time, screen
+from rules.customer import CustomerState, apply, epoch, evaluate_tier, evaluation_time, screen
 from rules.policy import Policy
 from rules.segments import Snapshot, reclassify
 from rules.timeline import Timer, advance, learned_interval, next_due
@@ -97,6 +97,9 @@ class _Fold:
     duplicates: int = 0
     rejected: list[tuple[RawMessage, Rejection]] = field(default_factory=list)
     applied_times: list[int] = field(default_factory=list)  # event times of applied events
+    # Event times of applied and duplicate events: what moves the clock. A duplicate was applied
+    # before, maybe by a worker killed between its state write and the clock update.
+    clock_times: list[int] = field(default_factory=list)
     effects: list[tuple[str, str]] = field(default_factory=list)
     gaps: list[tuple[str, int]] = field(default_factory=list)
     fired: list[Timer] = field(default_factory=list)
@@ -200,8 +203,8 @@ class Engine:
         for shard, tick in ticks.items():
             shard_clocks[shard] = max(shard_clocks.get(shard, 0), tick)
         if self.clock_mode == "event" and shard_clocks:
-            # Applied events and ticks only: a dead-lettered far-future event must not move
-            # the clock (every later event would then be judged too old).
+            # Applied (or already applied) events and ticks only: a dead-lettered far-future
+            # event must not move the clock (every later event would then be judged too old).
             for shard, newest in sorted(shard_clocks.items()):
                 await self.retry("clock", partial(self.store.advance_clock, newest, shard))
             clock = await self.retry(
@@ -263,6 +266,7 @@ class Engine:
                 rejection = decision.rejection
                 if decision.duplicate:
                     fold.duplicates += 1
+                    fold.clock_times.append(epoch(event.occurred_at))
                 elif rejection is None:
                     if moved is not None and moved.changed:
                         notifications.extend(moved.notifications)
@@ -273,6 +277,7 @@ class Engine:
                     fold.gaps.extend(decision.gaps)
                     fold.applied += 1
                     fold.applied_times.append(epoch(event.occurred_at))
+                    fold.clock_times.append(epoch(event.occurred_at))
                     fold.now = max(fold.now, now)
                     cause = Cause(kind="event", id=event.event_id)
             if rejection is not None:
@@ -302,7 +307,7 @@ class Engine:
         fold: Callable[[Stored], _Fold],
     ) -> dict[int, int]:
         """Load, fold, save with compare-and-set; redo customers whose write lost a race.
-        Returns the newest applied event time per shard."""
+        Returns the newest applied (or already applied) event time per shard."""
         newest: dict[int, int] = {}
         pending = customer_ids
         for _ in range(MAX_CONFLICT_ROUNDS):
@@ -362,8 +367,9 @@ class Engine:
         for trigger, result in f.effects:
             self.metrics.triggers.labels(trigger, result).inc()
         wall_now = int(self.wall_clock())
-        for occurred in f.applied_times:
+        for occurred in f.clock_times:
             newest[f.shard] = max(newest.get(f.shard, 0), occurred)
+        for occurred in f.applied_times:
             self.metrics.event_time_lag.observe(max(0, wall_now - occurred))
         for message, rejection in f.rejected:
             self._dead_letter(outcome, message, rejection, wall_now)
@@ -426,14 +432,21 @@ class Engine:
             moved = advance(stored.state, self.policy, until, learned)
             f.state, f.effects, f.fired = moved.state.copy(), list(moved.effects), list(moved.fired)
             f.fired_at = until
-            cause = (
-                Cause(kind="timer", id=f"{moved.fired[-1].key}@{moved.fired[-1].anchor}")
-                if moved.fired
-                else Cause(kind="snapshot", id=str(snapshot.version if snapshot else 0))
-            )
+            if moved.fired:
+                cause = Cause(kind="timer", id=f"{moved.fired[-1].key}@{moved.fired[-1].anchor}")
+            else:  # woken by a new snapshot or a new policy version: both name the cause
+                version = snapshot.version if snapshot else 0
+                cause = Cause(kind="snapshot", id=f"{version}/{self.policy.version}")
+            # A woken customer is re-evaluated whole: a new policy may move its tier too
+            # (upgrades at once; a raised bar starts the grace period).
+            before = (f.state.tier, f.state.below_since)
+            tier_notes = evaluate_tier(f.state, self.policy, until, cause)
             notes, relabelled = reclassify(f.state, self.policy, snapshot, until, cause)
+            retiered = (f.state.tier, f.state.below_since) != before
             self._prepare_write(
-                f, [*moved.notifications, *notes], changed=moved.changed or relabelled
+                f,
+                [*moved.notifications, *tier_notes, *notes],
+                changed=moved.changed or relabelled or retiered,
             )
             return f
 

@@ -1,9 +1,12 @@
 """Prometheus metrics, built on an injected registry. Labels come from small fixed sets only
-(outcome, reject reason, notification type): never a customer id."""
+(outcome, reject reason, notification type, tier/segment/grade/stage): never a customer id."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# The dimensions of memberflow_customers: the label prefixes of the population counters.
+CUSTOMER_DIMENSIONS = ("tier", "segment", "grade", "stage")
 
 
 class Metrics:
@@ -97,3 +100,49 @@ class Metrics:
             "The engine clock (event time in event mode).",
             registry=r,
         )
+        self.customers = Gauge(
+            "memberflow_customers",
+            "Customers per label of a dimension (tier, segment, grade, stage), read from the "
+            "population counters in Redis (no scan); every worker reports the same totals.",
+            ["dimension", "label"],
+            registry=r,
+        )
+        self._customer_labels: set[tuple[str, str]] = set()
+
+    def set_customers(self, distribution: dict[str, int]) -> None:
+        """Set the customers gauge from Store.distribution() ({"tier:gold": 3, ...}). A label
+        seen before and now absent (its count fell to 0) is reported as 0, not dropped."""
+        current: dict[tuple[str, str], int] = {}
+        for key, count in distribution.items():
+            dimension, _, label = key.partition(":")
+            if dimension in CUSTOMER_DIMENSIONS and label:
+                current[(dimension, label)] = count
+        for labels in self._customer_labels - current.keys():
+            self.customers.labels(*labels).set(0)
+        for labels, count in current.items():
+            self.customers.labels(*labels).set(count)
+        self._customer_labels |= current.keys()
+
+    # -- read back, for the worker's status page ----------------------------------------------
+
+    def events_total(self) -> dict[str, float]:
+        """Input events finished by this process, per outcome."""
+        return _by_label(self.events, "outcome")
+
+    def notifications_total(self) -> dict[str, float]:
+        """Notifications produced by this process, per type."""
+        return _by_label(self.notifications, "type")
+
+    def consumer_lag_by_partition(self) -> dict[int, float]:
+        return {int(k): v for k, v in _by_label(self.consumer_lag, "partition").items()}
+
+
+def _by_label(metric: Counter | Gauge, label: str) -> dict[str, float]:
+    """A one-label counter or gauge's current values (counters: the _total samples)."""
+    values: dict[str, float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            values[sample.labels[label]] = sample.value
+    return values

@@ -121,3 +121,26 @@ async def _wake_changed(store: Store, policy: Policy, old: Snapshot | None, new:
             woken[customer_id] = partition
     await store.wake(sorted(woken.items()))
     return len(woken)
+
+
+async def adopt_policy(store: Store, policy: Policy, lock_ttl_s: int = 30) -> int | None:
+    """When workers start with a policy version other than the one the stored labels were
+    computed with, wake every customer: each is re-evaluated under the new policy through the
+    timer path (tiers, segments, grades), with notifications for real changes only. Returns how
+    many were woken, or None when nothing had to be done (or another worker is doing it)."""
+    if await store.policy_version() == policy.version:
+        return None
+    if not await store.try_lock(lock_ttl_s):
+        return None
+    try:
+        if await store.policy_version() == policy.version:
+            return None
+        customers = await store.all_customers()
+        await store.wake(customers)
+        await store.set_policy_version(policy.version)
+    finally:
+        await store.unlock()
+    log.info(
+        "policy %s adopted: woke %d customers for re-evaluation", policy.version, len(customers)
+    )
+    return len(customers)

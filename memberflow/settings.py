@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = Field(None, description="Redis password (AUTH).")
     web_host: str = Field("127.0.0.1", description="Bind address of the worker's HTTP views.")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP views.")
+    web_token: SecretStr | None = Field(
+        None,
+        description="Bearer token required by every HTTP view except /health (the status page "
+        "also takes ?token=). Required when web_host is not a loopback address.",
+    )
     purchases_topic: str = Field("purchases", description="Input topic, keyed by customer_id.")
     notifications_topic: str = Field("notifications", description="Output notifications topic.")
     dead_letter_topic: str = Field("purchases.dlq", description="Bad input, with the reason.")

@@ -779,7 +779,13 @@ def worker_counts(workers: Sequence[WorkerProcess]) -> dict[str, float]:
     totals: dict[str, float] = {}
     for worker in workers:
         for name, value in worker.metrics().items():
-            if name.startswith(("memberflow_events_total{", "memberflow_notifications_total{")):
+            if name.startswith(
+                (
+                    "memberflow_events_total{",
+                    "memberflow_notifications_total{",
+                    "memberflow_triggers_total{",
+                )
+            ):
                 totals[name] = totals.get(name, 0.0) + value
     return totals
 
@@ -854,6 +860,18 @@ def run_memberflow(
         counts = worker_counts(workers)
         rss = [memory_kib(w.pid) for w in workers]
         patched = fetch_patch_seen(workers)
+        # The workers' own view (batch sizes and durations, retries, conflicts...): histogram
+        # sums and counts and every counter, without the buckets.
+        worker_metrics = [
+            {
+                k: v
+                for k, v in w.metrics().items()
+                if k.startswith("memberflow_")
+                and "_bucket{" not in k
+                and not k.endswith("_created")
+            }
+            for w in workers
+        ]
         memory = measure_memory(bench, memory_before)
     except BaseException:
         if detach:
@@ -870,9 +888,17 @@ def run_memberflow(
     notifications = int(
         sum(v for k, v in counts.items() if k.startswith("memberflow_notifications"))
     )
+    # Time-driven work the worker did meanwhile (reminders, lifecycle steps...), not in events/s.
+    timers_fired = int(
+        sum(
+            v
+            for k, v in counts.items()
+            if k.startswith("memberflow_triggers_total{") and 'outcome="fired"' in k
+        )
+    )
     say(
         f"({label}) {last[0]:,} events, {rate or 0:,.0f} events/s, outcomes {outcomes}, "
-        f"{notifications:,} notifications, cpu {cpu}, "
+        f"{notifications:,} notifications, {timers_fired:,} timers fired, cpu {cpu}, "
         f"{memory.get('bytes_per_customer') or 0:.0f} B/customer"
     )
     result = {
@@ -884,8 +910,10 @@ def run_memberflow(
         "events_per_s": round(rate) if rate else None,
         "outcomes": outcomes,
         "notifications": notifications,
+        "timers_fired": timers_fired,
         "cpu_cores": cpu,
         "rss_kib": rss,
+        "worker_metrics": worker_metrics,
         "memory": memory,
         **({"prepared": prepared} if prepared else {}),
     }
@@ -1306,6 +1334,7 @@ def run_sweep_size(bench: Bench, size: int, events: int) -> dict[str, Any]:
         "events": events,
         "events_per_s": run.result["events_per_s"],
         "notifications": run.result["notifications"],
+        "timers_fired": run.result["timers_fired"],
         "customers_stored": memory["customers_stored"],
         "bytes_per_customer": memory["bytes_per_customer"],
         "memory_usage_mean": memory["memory_usage_mean"],
@@ -1399,6 +1428,12 @@ def report(results: dict[str, Any]) -> str:
                 ratios.append(f"c/{short} = {c / other:.2f}")
         if ratios:
             out.append("ratios: " + ", ".join(ratios))
+        mf = runs.get("c_memberflow")
+        if mf:
+            out.append(
+                f"memberflow meanwhile: {mf.get('notifications', 0):,} notifications produced, "
+                f"{mf.get('timers_fired', 0):,} timers fired, outcomes {mf.get('outcomes')}"
+            )
     latency = results.get("latency")
     if latency:
         out.append("")
@@ -1464,6 +1499,7 @@ def report(results: dict[str, Any]) -> str:
                 f"{row['events']:,}",
                 f"{row['events_per_s']:,}" if row["events_per_s"] else "n/a",
                 f"{row['notifications'] / row['events']:.2f}",
+                f"{row['timers_fired']:,}",
                 row["bytes_per_customer"],
                 row["memory_usage_mean"],
             ]
@@ -1477,6 +1513,7 @@ def report(results: dict[str, Any]) -> str:
                     "events",
                     "events/s",
                     "notif./event",
+                    "timers fired",
                     "B/customer",
                     "MEMORY USAGE",
                 ],
@@ -1572,7 +1609,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--phases",
         default="a,a-default,b,c,latency",
-        help="which of a, a-default, b, c, latency to run (default %(default)s)",
+        help="which of a, a-default, b, c, latency to run, or none (e.g. for a sweep alone; "
+        "default %(default)s)",
     )
     parser.add_argument(
         "--repeat",
@@ -1627,7 +1665,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.events = args.events or (QUICK_EVENTS if args.quick else DEFAULT_EVENTS)
     args.customers = args.customers or (QUICK_CUSTOMERS if args.quick else DEFAULT_CUSTOMERS)
     args.latency_seconds = args.latency_seconds or (8.0 if args.quick else 20.0)
-    args.phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    args.phases = {p.strip() for p in args.phases.split(",") if p.strip()} - {"none"}
     unknown = args.phases - {"a", "a-default", "b", "c", "latency"}
     if unknown:
         parser.error(f"unknown phases: {sorted(unknown)}")
@@ -1651,8 +1689,12 @@ def git_state() -> dict[str, Any]:
         return done.stdout.strip()
 
     diff = git("diff", "HEAD")
+    commit = git("rev-parse", "HEAD")
+    snapshot = ROOT / "COMMIT"  # a `git archive` copy: the commit it was made from
+    if not commit and snapshot.exists():
+        commit = snapshot.read_text().strip() + " (snapshot at " + str(ROOT) + ")"
     return {
-        "commit": git("rev-parse", "HEAD"),
+        "commit": commit,
         "dirty_files": len(git("status", "--porcelain").splitlines()),
         "diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None,
     }
@@ -1803,8 +1845,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM, and SIGINT even when started in the background (where it is ignored), unwind
+    # through the finally blocks, so no broker, Redis or worker is left running.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run(args)
     except KeyboardInterrupt:

@@ -167,7 +167,8 @@ def pending_timers(
                 bought_at,
             )
         )
-    timers.sort(key=lambda t: (t.due, _KIND_ORDER[t.kind], t.key))
+    # A warning due with its downgrade (no grace left) goes first, or it would never go out.
+    timers.sort(key=lambda t: (t.due, _KIND_ORDER[t.kind], t.key == "tier_downgrade", t.key))
     return timers
 
 

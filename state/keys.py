@@ -67,3 +67,9 @@ def snapshot_version() -> str:
 def snapshot_lock() -> str:
     """Held by the worker publishing a snapshot, so that only one does per interval."""
     return f"{PREFIX}:{{snap}}:lock"
+
+
+def policy_version() -> str:
+    """The policy version the stored labels were computed with; a worker starting with another
+    version wakes every customer to be re-evaluated under it."""
+    return f"{PREFIX}:{{policy}}:version"

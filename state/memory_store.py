@@ -18,6 +18,7 @@ class MemoryStore:
         self.gaps: dict[str, dict[int, int]] = {}
         self.contributions: dict[str, Contribution] = {}
         self._snapshot: tuple[int, str] | None = None
+        self._policy_version: str | None = None
 
     async def load(self, customer_ids: Sequence[str]) -> dict[str, Stored]:
         out = {}
@@ -138,6 +139,15 @@ class MemoryStore:
 
     async def unlock(self) -> None:
         return None
+
+    async def policy_version(self) -> str | None:
+        return self._policy_version
+
+    async def set_policy_version(self, version: str) -> None:
+        self._policy_version = version
+
+    async def all_customers(self) -> list[tuple[str, int]]:
+        return sorted((c.customer_id, c.partition) for c in self.contributions.values())
 
     async def wake(self, entries: Sequence[tuple[str, int]]) -> None:
         for customer_id, partition in entries:

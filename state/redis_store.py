@@ -420,6 +420,22 @@ class RedisStore:
     async def try_lock(self, ttl_s: int) -> bool:
         return bool(await self.client.set(keys.snapshot_lock(), "1", nx=True, ex=ttl_s))
 
+    async def policy_version(self) -> str | None:
+        raw = await self.client.get(keys.policy_version())
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def set_policy_version(self, version: str) -> None:
+        await self.client.set(keys.policy_version(), version)
+
+    async def all_customers(self) -> list[tuple[str, int]]:
+        found: list[tuple[str, int]] = []
+        for shard in range(self.stats_shards):
+            async for cid, meta in self.client.hscan_iter(keys.stats(shard, "meta"), count=1000):
+                name = cid.decode() if isinstance(cid, bytes) else cid
+                text = meta.decode() if isinstance(meta, bytes) else meta
+                found.append((name, int(text.split("|")[1])))
+        return found
+
     async def unlock(self) -> None:
         await self.client.delete(keys.snapshot_lock())
 

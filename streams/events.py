@@ -124,7 +124,7 @@ class NotificationType(StrEnum):
 
 class Cause(_Frozen):
     kind: Literal["event", "timer", "snapshot"]
-    id: str  # the event_id, the timer id, or the snapshot version
+    id: str  # the event_id, the timer id, or "<snapshot version>/<policy version>"
 
 
 class Notification(_Frozen):

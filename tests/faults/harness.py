@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
@@ -67,6 +67,7 @@ EXPORT_FIELDS = (
     "lifetime_spend",
     "tier",
 )
+CUSTOMER_KEY = keys.customer("").removesuffix("}").encode()  # b"mf:{c:"
 TIMELINE_TYPES = ("lifecycle_changed", "repurchase_reminder", "win_back_offer")
 ORACLE_TYPES = ("tier_upgraded", *TIMELINE_TYPES)
 
@@ -570,28 +571,49 @@ def retries(worker: WorkerProcess) -> float:
 
 
 class KillSwitch(threading.Thread):
-    """kill -9 a worker right after it writes its first customer state: Redis keyspace events
-    (`hset` inside the save script) tell the moment; `delay_s` moves the kill later into the
-    save/produce/confirm sequence. Sends SIGKILL itself: ManagedProcess.kill() would wait for
+    """kill -9 a worker at a chosen step of its batch protocol, told by Redis keyspace events:
+
+    - "state": right after it writes a customer's state (`hset` of v and s in the save
+      script), i.e. inside the save pipeline;
+    - "outbox": right after it writes a customer's outbox (the script's second `hset` of the
+      same key), before or while producing it;
+    - "confirm": right after it clears a produced outbox (`hdel` of o in confirm()): the rest
+      of the batch was produced and is still stored, so it is produced again after restart.
+
+    `delay_s` moves the kill later. Sends SIGKILL itself: ManagedProcess.kill() would wait for
     the lock that a concurrent start() holds."""
 
-    def __init__(self, server: LocalRedis, worker: WorkerProcess, delay_s: float) -> None:
+    TRIGGERS: ClassVar[dict[str, str]] = {"state": "hset", "outbox": "hset", "confirm": "hdel"}
+
+    def __init__(
+        self, server: LocalRedis, worker: WorkerProcess, trigger: str, delay_s: float = 0.0
+    ) -> None:
         super().__init__(name="kill-switch", daemon=True)
         self.server, self.worker, self.delay_s = server, worker, delay_s
+        self.trigger = trigger
+        self.event = self.TRIGGERS[trigger]
         self.fired = threading.Event()
         self._halt = threading.Event()
         self._ready = threading.Event()
+
+    def describe(self) -> str:
+        step = {"state": "a state write", "outbox": "an outbox write", "confirm": "an outbox clear"}
+        return f"{self.delay_s * 1000:.1f} ms after {step[self.trigger]}"
 
     def run(self) -> None:
         with self.server.client() as client:
             client.config_set("notify-keyspace-events", "Eh")
             pubsub = client.pubsub()
-            pubsub.subscribe("__keyevent@0__:hset")
+            pubsub.subscribe(f"__keyevent@0__:{self.event}")
             self._ready.set()
+            previous = None
             try:
                 while not self._halt.is_set():
                     message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
-                    if message is None:
+                    if message is None or not message["data"].startswith(CUSTOMER_KEY):
+                        continue  # population snapshots and the like: not a customer write
+                    repeated, previous = message["data"] == previous, message["data"]
+                    if self.trigger == "outbox" and not repeated:
                         continue
                     if self.delay_s:
                         time.sleep(self.delay_s)
@@ -620,4 +642,3 @@ def seeded_rng(scenario: str) -> random.Random:
     seed = int(os.environ.get("MEMBERFLOW_FAULT_SEED", str(time.time_ns() % 1_000_000)))
     print(f"[{scenario}] MEMBERFLOW_FAULT_SEED={seed}")
     return random.Random(f"{scenario}:{seed}")
-

@@ -37,7 +37,6 @@ from tests.faults.harness import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-KILLS = 5
 LATENESS_S = 7 * DAY  # timers fire during the replay too, so kills hit timer batches as well
 FEED_S = 35.0  # the replay is spread over the kill phase
 
@@ -61,22 +60,23 @@ def test_worker_kill_9_under_load_loses_and_doubles_nothing(
 
     feeder = Feeder(broker.bootstrap, workload.records, rate=len(workload.records) / FEED_S)
     feeder.start()
+    # Random moments (mostly before or between Redis steps) and moments picked by Redis
+    # keyspace events: inside a save pipeline, between an outbox write and its production,
+    # and between producing a batch and clearing its outboxes (duplicates expected there).
+    plans = [None, ("state", 0.0), ("outbox", rng.uniform(0.0, 0.003)), ("confirm", 0.0), None]
     kills: list[str] = []
     try:
-        for number in range(1, KILLS + 1):
+        for number, plan in enumerate(plans, start=1):
             time.sleep(rng.uniform(0.5, 4.0))  # long enough, at times, for offsets to commit
             alive([worker])
-            if number % 2:
+            if plan is None:
                 how = "at a random moment"
                 worker.kill()
             else:
-                # Right after a customer write, plus up to 30 ms: inside the save pipeline,
-                # between it and producing the outbox, or while producing it.
-                delay = rng.uniform(0.0, 0.03)
-                how = f"{delay * 1000:.0f} ms after a state write"
-                switch = KillSwitch(aof_redis, worker, delay).arm()
+                switch = KillSwitch(aof_redis, worker, *plan).arm()
+                how = switch.describe()
                 try:
-                    assert switch.fired.wait(20), "no state write within 20 s"
+                    assert switch.fired.wait(20), f"not killed within 20 s ({how})"
                 finally:
                     switch.disarm()
                 worker.kill()  # reap it

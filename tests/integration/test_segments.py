@@ -111,9 +111,12 @@ def test_two_workers_label_customers_as_a_batch_computation_would(
         while not settled():
             if time.monotonic() > limit:
                 detail = {
-                    p: (client.get(f"mf:{{t:{p}}}:clock"),
-                        client.zrangebyscore(f"mf:{{t:{p}}}:due", "-inf", end, withscores=True,
-                                             start=0, num=5))
+                    p: (
+                        client.get(f"mf:{{t:{p}}}:clock"),
+                        client.zrangebyscore(
+                            f"mf:{{t:{p}}}:due", "-inf", end, withscores=True, start=0, num=5
+                        ),
+                    )
                     for p in range(4)
                 }
                 raise AssertionError(f"timers did not settle by {end}: {detail}")
@@ -166,3 +169,74 @@ def test_two_workers_label_customers_as_a_batch_computation_would(
         )
         > 0
     )
+
+
+@pytest.mark.timeout(300)
+def test_a_new_policy_version_relabels_through_the_stream(
+    tmp_path: Path, broker: LocalBroker, redis_server: LocalRedis, make_worker: Any
+) -> None:
+    from tests.integration.conftest import UPGRADE_ONLY, policy_variant, read_json_topic
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    lines = [
+        {
+            "event_id": f"{cid}-{i}",
+            "customer_id": cid,
+            "occurred_at": now.isoformat(),
+            "amount": amount,
+            "currency": "EUR",
+        }
+        for cid, amount in (("low", "20.00"), ("mid", "60.00"), ("high", "400.00"))
+        for i in range(2)
+    ]
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    env = worker_env(
+        broker, redis_server, MEMBERFLOW_SNAPSHOT_CHECK_S="1", MEMBERFLOW_TIMER_POLL_S="0.5"
+    )
+    first = make_worker(env, name="v1")
+    first.start()
+    assert run_cli(env, "replay", "--quiet", str(path)).returncode == 0
+    first.wait_for_events(len(lines))
+    first.stop(timeout=30)
+    before = {n["notification_id"] for n in read_json_topic(broker.bootstrap, "notifications")}
+
+    # Version 2 lowers silver to 100 EUR: only "mid" moves (from member to silver).
+    silver = {"name": "silver", "min_window_spend": "100", "min_window_orders": 2}
+    doc_tiers = [
+        {"name": "member"},
+        silver,
+        {"name": "gold", "min_window_spend": "1000", "min_window_orders": 4},
+        {"name": "platinum", "min_window_spend": "3000", "min_window_orders": 8},
+    ]
+    v2 = policy_variant(
+        {**UPGRADE_ONLY, "version": "v2-test", "tiers": doc_tiers}, tmp_path / "v2.yaml"
+    )
+    assert run_cli(env, "rules", "check", str(v2)).returncode == 0
+    second = make_worker({**env, "MEMBERFLOW_RULES_FILE": str(v2)}, name="v2")
+    second.start()
+    deadline = time.monotonic() + 60
+    while True:
+        new = [
+            n
+            for n in read_json_topic(broker.bootstrap, "notifications")
+            if n["notification_id"] not in before and n["type"].startswith("tier_")
+        ]
+        if new or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    time.sleep(2)  # anything else it would wrongly send arrives meanwhile
+    new = [
+        n
+        for n in read_json_topic(broker.bootstrap, "notifications")
+        if n["notification_id"] not in before and n["type"].startswith("tier_")
+    ]
+    assert [
+        (n["customer_id"], n["type"], n["explanation"]["new_tier"], n["policy_version"])
+        for n in new
+    ] == [("mid", "tier_upgraded", "silver", "v2-test")]
+    assert new[0]["cause"]["kind"] == "snapshot"
+    shown = json.loads(
+        run_cli({**env, "MEMBERFLOW_RULES_FILE": str(v2)}, "customer", "high").stdout
+    )
+    assert shown["tier"] == "silver"  # unchanged: no notification for it
