@@ -67,7 +67,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ensure_topics(settings)
     except BrokerUnreachable as exc:
         raise CliError(str(exc)) from exc
-    app = create_app(Runtime(settings, policy))
+    from memberflow.web import WebConfigError
+
+    try:
+        app = create_app(Runtime(settings, policy))
+    except WebConfigError as exc:
+        raise CliError(str(exc)) from exc
     worker = faust.Worker(app, loglevel=settings.log_level, redirect_stdouts=False)
     worker.execute_from_commandline()
     return 0
@@ -170,17 +175,6 @@ def cmd_export(args: argparse.Namespace) -> int:
             out.close()
     print(f"exported {count} customers", file=sys.stderr)
     return 0
-
-
-async def _learned(store: Any, policy: Policy) -> dict[str, int]:
-    categories = [c for c, rule in policy.repurchase.categories.items() if rule.learn]
-    histograms = await store.gap_histograms(categories) if categories else {}
-    learned = {}
-    for category, histogram in histograms.items():
-        days = learned_interval(histogram, policy.repurchase.min_samples)
-        if days is not None:
-            learned[category] = days
-    return learned
 
 
 def cmd_intervals(args: argparse.Namespace) -> int:
@@ -491,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = rules.add_parser("check", help="validate a policy file with clear errors")
     p.add_argument("file")
     p.set_defaults(func=cmd_rules_check)
+    from memberflow.simulate import add_parser as add_simulate_parser
+
+    add_simulate_parser(rules)  # `rules simulate FILE`: what-if of a new policy
     return parser
 
 

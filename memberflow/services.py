@@ -868,8 +868,11 @@ class WorkerProcess(ManagedProcess):
 
     def metrics(self, timeout: float = 5.0) -> dict[str, float]:
         """The worker's /metrics as {'name{labels}': value}."""
-        url = f"http://127.0.0.1:{self.web_port}/metrics"
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.web_port}/metrics")
+        token = (self.env or {}).get("MEMBERFLOW_WEB_TOKEN")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             text = response.read().decode()
         values: dict[str, float] = {}
         for line in text.splitlines():

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from memberflow.metrics import CUSTOMER_DIMENSIONS
 from memberflow.population import current_snapshot
 from rules.customer import CustomerState, Stage, downgrade_due, iso, qualifying_tier, summarize
 from rules.money import format_minor, minor
@@ -20,7 +21,7 @@ from rules.timeline import describe_pending, learned_interval
 from state.store import Store
 from streams.events import Identifier
 
-DIMENSIONS = ("tier", "segment", "grade", "stage")
+DIMENSIONS = CUSTOMER_DIMENSIONS  # the label prefixes of Store.distribution()
 
 _IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
 

@@ -408,8 +408,9 @@ def auth_middleware(token: str | None) -> Callable[..., Any]:
 
 
 def _disable_faust_views(app: faust.App) -> None:
-    # Before app.web is first touched, so Faust builds it without them; the production index
-    # (it would take "/") has no setting, so it is also dropped from the blueprint list.
+    # The settings take effect if app.web is not built yet; the production index (it would
+    # take "/") has no setting, so Faust's blueprints are also dropped from the list, which
+    # covers an app.web built earlier too. Applied when the web server starts.
     app.conf.web_router_enabled = False
     app.conf.web_tables_enabled = False
     blueprints = app.web.blueprints
@@ -517,13 +518,15 @@ main { padding:18px 24px; display:grid; gap:18px; max-width:1400px; }
 .card .s { color:var(--muted); font-size:12px; min-height:1.4em; }
 h2 { font-size:14px; margin:0 0 10px; text-transform:uppercase; letter-spacing:.05em;
      color:#344054; }
-.dist { display:grid; grid-template-columns:repeat(auto-fit,minmax(320px,1fr)); gap:14px; }
+.dist { display:grid; grid-template-columns:repeat(auto-fit,minmax(300px,1fr)); gap:14px; }
+@media (min-width: 1200px) { .dist { grid-template-columns:1fr 1.7fr .9fr 1.1fr; } }
+.panel { min-width:0; overflow-x:auto; }
 table { width:100%; border-collapse:collapse; }
 th, td { text-align:left; padding:4px 6px; border-bottom:1px solid var(--line);
          vertical-align:top; }
 th { color:var(--muted); font-weight:600; font-size:12px; }
 td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
-td.bar { width:30%; }
+td.bar { width:30%; min-width:60px; }
 td.label, td.time { white-space:nowrap; }
 .bar span { display:block; height:10px; border-radius:3px; background:var(--accent);
             min-width:1px; }

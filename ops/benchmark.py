@@ -402,8 +402,19 @@ def memory_kib(pid: int | None) -> dict[str, int]:
     return values
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (from /proc/stat; idle and iowait excluded)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return 0.0
+    ticks = [int(v) for v in fields[:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _CLOCK_TICKS
+
+
 class CpuMeter:
-    """CPU share (1.0 = one core) of named groups of processes between two samples."""
+    """CPU share (1.0 = one core) of named groups of processes between two samples, plus the
+    benchmark itself ("harness") and everything else on the machine ("other": the noise)."""
 
     def __init__(self, groups: dict[str, list[int | None]]) -> None:
         self.groups = groups
@@ -411,9 +422,12 @@ class CpuMeter:
         self.start: dict[str, float] = {}
 
     def _sample(self) -> dict[str, float]:
-        return {
+        sample = {
             name: sum(cpu_seconds(pid) or 0.0 for pid in pids) for name, pids in self.groups.items()
         }
+        sample["harness"] = cpu_seconds(os.getpid()) or 0.0
+        sample["machine"] = machine_busy_seconds()
+        return sample
 
     def begin(self) -> None:
         self.start_t, self.start = time.monotonic(), self._sample()
@@ -425,7 +439,10 @@ class CpuMeter:
         now = self._sample()
         if wall <= 0:
             return {}
-        return {name: round((now[name] - self.start[name]) / wall, 3) for name in now}
+        shares = {name: (now[name] - self.start[name]) / wall for name in now}
+        machine = shares.pop("machine")
+        shares["other"] = max(0.0, machine - sum(shares.values()))
+        return {name: round(share, 3) for name, share in shares.items()}
 
 
 # -- services -----------------------------------------------------------------------------------
@@ -1400,6 +1417,7 @@ def report(results: dict[str, Any]) -> str:
                 cpu.get("consumer"),
                 cpu.get("broker"),
                 cpu.get("redis"),
+                cpu.get("other"),
                 "/".join(_mib(r) for r in rss),
             ]
         )
@@ -1415,6 +1433,7 @@ def report(results: dict[str, Any]) -> str:
                     "cpu consumer",
                     "cpu broker",
                     "cpu redis",
+                    "cpu other",
                     "peak RSS MiB",
                 ],
                 rows,

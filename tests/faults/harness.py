@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
@@ -577,55 +577,90 @@ class KillSwitch(threading.Thread):
       script), i.e. inside the save pipeline;
     - "outbox": right after it writes a customer's outbox (the script's second `hset` of the
       same key), before or while producing it;
-    - "confirm": right after it clears a produced outbox (`hdel` of o in confirm()): the rest
-      of the batch was produced and is still stored, so it is produced again after restart.
+    - "produced": after it produced an outbox and before it cleared it. That window is one
+      Redis round trip wide, so it is held open: `delay_s` after an outbox write Redis is
+      frozen (SIGSTOP); a worker that got the save's replies by then produces the outbox and
+      hangs in confirm(); it is killed, and Redis resumes. The next worker finds the outbox
+      and produces it again: duplicate ids. (Frozen too early, the worker hangs before
+      producing; frozen too late, it has cleared the outbox: a couple of milliseconds suit
+      the small batches of a steady feed.)
+    - "confirm": right after it clears its produced outboxes (`hdel` of o in confirm()), before
+      the timer index update and the offset commit.
 
     `delay_s` moves the kill later. Sends SIGKILL itself: ManagedProcess.kill() would wait for
     the lock that a concurrent start() holds."""
 
-    TRIGGERS: ClassVar[dict[str, str]] = {"state": "hset", "outbox": "hset", "confirm": "hdel"}
+    TRIGGERS = ("state", "outbox", "produced", "confirm")
+    FREEZE_S = 0.5  # Redis frozen this long: producing a batch takes a few milliseconds
 
     def __init__(
         self, server: LocalRedis, worker: WorkerProcess, trigger: str, delay_s: float = 0.0
     ) -> None:
         super().__init__(name="kill-switch", daemon=True)
-        self.server, self.worker, self.delay_s = server, worker, delay_s
-        self.trigger = trigger
-        self.event = self.TRIGGERS[trigger]
+        assert trigger in self.TRIGGERS, trigger
+        self.server, self.worker, self.trigger, self.delay_s = server, worker, trigger, delay_s
         self.fired = threading.Event()
         self._halt = threading.Event()
         self._ready = threading.Event()
 
     def describe(self) -> str:
+        if self.trigger == "produced":
+            return f"after producing an outbox, before clearing it (Redis frozen {self.FREEZE_S}s)"
         step = {"state": "a state write", "outbox": "an outbox write", "confirm": "an outbox clear"}
         return f"{self.delay_s * 1000:.1f} ms after {step[self.trigger]}"
 
+    def _matches(self, event: bytes, repeated: bool) -> bool:
+        if self.trigger == "state":
+            return event == b"hset"
+        if self.trigger == "confirm":
+            return event == b"hdel"
+        return event == b"hset" and repeated
+
     def run(self) -> None:
         with self.server.client() as client:
-            client.config_set("notify-keyspace-events", "Eh")
+            client.config_set("notify-keyspace-events", "EA")  # every key event, by event name
             pubsub = client.pubsub()
-            pubsub.subscribe(f"__keyevent@0__:{self.event}")
+            pubsub.psubscribe("__keyevent@0__:*")
             self._ready.set()
-            previous = None
+            last_hset = None
             try:
                 while not self._halt.is_set():
                     message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
                     if message is None or not message["data"].startswith(CUSTOMER_KEY):
-                        continue  # population snapshots and the like: not a customer write
-                    repeated, previous = message["data"] == previous, message["data"]
-                    if self.trigger == "outbox" and not repeated:
+                        continue  # clocks, indexes, population statistics: not a customer
+                    event = message["channel"].rpartition(b":")[2]
+                    repeated = event == b"hset" and message["data"] == last_hset
+                    if event == b"hset":
+                        last_hset = message["data"]
+                    if not self._matches(event, repeated):
                         continue
                     if self.delay_s:
                         time.sleep(self.delay_s)
-                    pid = self.worker.pid
-                    if pid is not None:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(pid, signal.SIGKILL)
-                        self.fired.set()
+                    if self.trigger == "produced":
+                        self._kill_while_frozen()
+                    else:
+                        self._kill()
                     return
             finally:
                 pubsub.close()
                 client.config_set("notify-keyspace-events", "")
+
+    def _kill(self) -> None:
+        pid = self.worker.pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            self.fired.set()
+
+    def _kill_while_frozen(self) -> None:
+        redis_pid = self.server.pid
+        assert redis_pid is not None
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            time.sleep(self.FREEZE_S)
+            self._kill()
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
 
     def arm(self) -> KillSwitch:
         self.start()

@@ -4,11 +4,12 @@ the worker that fires them is killed with SIGKILL right as it starts, again and 
 Event time moves 200 days on (`memberflow tick`) while no worker runs, so on restart nearly
 every customer has lifecycle, win-back and reminder timers due at once. The restarted worker is
 killed the moment it writes its first customer (inside the save pipeline of its first timer
-batch), then right after it writes an outbox (before or while producing it), then right after
-it produced a batch and cleared the first of its outboxes; a last worker finishes. A firing is
-a compare-and-set state change together with its outbox, so a timer fired before a kill is not
-fired again (the state says so) and its unsent outbox is produced by the next worker: the same
-notification id possibly twice, never a second decision.
+batch), then right after it writes an outbox (before producing it), then right after it
+cleared the outboxes of a batch it produced (before the timer index update); a last worker
+finishes.
+A firing is a compare-and-set state change together with its outbox, so a timer fired before
+a kill is not fired again (the state says so) and its unsent outbox is produced by the next
+worker: the same notification id possibly twice, never a second decision.
 """
 
 from __future__ import annotations
@@ -70,7 +71,11 @@ def test_timers_due_while_down_fire_once_across_kill_9(
     tick(env, until)  # no worker runs: the timers come due now, unseen
 
     notes: list[str] = []
-    plans = [("state", 0.0), ("outbox", rng.uniform(0.0, 0.003)), ("confirm", 0.0)]
+    plans = [
+        ("state", 0.0),
+        ("outbox", rng.uniform(0.0, 0.003)),
+        ("confirm", 0.0),
+    ]
     for number, plan in enumerate(plans, start=1):
         worker = make_worker(env, name=f"restart-{number}")
         switch = KillSwitch(aof_redis, worker, *plan).arm()

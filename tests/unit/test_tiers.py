@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 import yaml
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from memberflow.settings import default_rules_file
@@ -63,7 +63,10 @@ class Customer:
     policy: Policy = POLICY
     state: CustomerState | None = None
     notes: list[Notification] = field(default_factory=list)
+    # per notification: how many events had been applied when it was made (processing order)
+    marks: list[int] = field(default_factory=list)
     count: int = 0
+    applied: int = 0
 
     def _advance(self, now: int) -> list[Notification]:
         if self.state is None:
@@ -71,6 +74,7 @@ class Customer:
         moved = advance(self.state, self.policy, now)
         self.state = moved.state
         self.notes.extend(moved.notifications)
+        self.marks.extend([self.applied] * len(moved.notifications))
         return list(moved.notifications)
 
     def buy(self, at: int, amount: str) -> list[Notification]:
@@ -102,7 +106,9 @@ class Customer:
         decision = apply(self.state, event, self.policy, at)
         assert decision.rejection is None, decision.rejection
         self.state = decision.state
+        self.applied += 1
         self.notes.extend(decision.notifications)
+        self.marks.extend([self.applied] * len(decision.notifications))
         return fired + list(decision.notifications)
 
     def at(self, now: int) -> list[Notification]:
@@ -114,8 +120,8 @@ class Customer:
         assert self.state is not None
         return self.state
 
-    def tier_notes(self) -> list[Notification]:
-        return [n for n in self.notes if n.type in TIER_TYPES]
+    def tier_notes(self) -> list[tuple[Notification, int]]:
+        return [(n, m) for n, m in zip(self.notes, self.marks, strict=True) if n.type in TIER_TYPES]
 
 
 def tier_only(notes: list[Notification]) -> list[Notification]:
@@ -369,24 +375,25 @@ ops = st.lists(
 )
 
 
-def window_model(
-    applied: list[tuple[int, int, int, int]], at: int, window_days: int, strict: bool
-) -> tuple[int, int]:
-    """(orders, spend) in the window ending at `at`, from the applied changes (apply time,
-    purchase day, orders, spend): those applied before `at` (strict) or up to it."""
+Change = tuple[int, int, int, int]  # apply time, purchase day, orders, spend
+
+
+def window_model(changes: list[Change], at: int, window_days: int) -> tuple[int, int]:
+    """(orders, spend) in the window ending at `at`, from these applied changes."""
     today = at // DAY
     orders = spend = 0
-    for when, day, d_orders, d_spend in applied:
-        if (when < at if strict else when <= at) and today - window_days < day <= today:
+    for _, day, d_orders, d_spend in changes:
+        if today - window_days < day <= today:
             orders += d_orders
             spend += d_spend
     return orders, spend
 
 
-def run_history(policy: Policy, history: list[Op]) -> tuple[Customer, list[Any], int]:
-    """Drive a customer through `history`; returns it, the applied changes and the end."""
+def run_history(policy: Policy, history: list[Op]) -> tuple[Customer, list[Change]]:
+    """Drive a customer through `history`, then two years on; returns it and the changes it
+    applied, in processing order."""
     c = Customer(policy)
-    applied: list[tuple[int, int, int, int]] = []
+    applied: list[Change] = []
     purchases: list[list[Any]] = []  # [event id, time, amount, refunded]
     now = T0
     for op in history:
@@ -415,33 +422,36 @@ def run_history(policy: Policy, history: list[Op]) -> tuple[Customer, list[Any],
             purchase[3] += amount
             applied.append((now, purchase[1] // DAY, -1 if whole else 0, -amount))
         # Upgrades happen at once: after any event the tier is at least the qualifying one.
-        orders, spend = window_model(applied, now, policy.window_days, strict=False)
+        orders, spend = window_model(applied, now, policy.window_days)
         assert c.s.window(now, policy.window_days) == (orders, spend)
         qualifying = qualifying_tier(policy, orders, spend)
         assert policy.tier_rank(c.s.tier) >= policy.tier_rank(qualifying.name)
-    end = now + 2 * 365 * DAY
-    c.at(end)  # everything settles: every pending downgrade fires
-    return c, applied, end
+    c.at(now + 2 * 365 * DAY)  # every purchase leaves the window, every downgrade fires
+    return c, applied
 
 
 def check_hysteresis(policy: Policy, history: list[Op]) -> None:
-    c, applied, end = run_history(policy, history)
+    """Check every tier change of one history against the hysteresis rules."""
+    c, applied = run_history(policy, history)
     changes = policy.tier_changes
     notes = c.tier_notes()
-    assert [epoch(n.occurred_at) for n in notes] == sorted(epoch(n.occurred_at) for n in notes)
-    # Times at which the window can change: applied events, and purchase days leaving it.
-    checkpoints = sorted(
-        {when for when, *_ in applied}
-        | {(day + policy.window_days) * DAY for _, day, _, _ in applied}
-    )
-    tier, entered = policy.tiers[0].name, 0
+    times = [epoch(n.occurred_at) for n, _ in notes]
+    assert times == sorted(times)
+    # The moments the window can change, in processing order, as (time, events applied):
+    # after each event, and when a purchase day leaves the window (the expiry timer fires
+    # before the events of that second).
+    moments = {(when, i + 1) for i, (when, *_) in enumerate(applied)}
+    for _, day, _, _ in applied:
+        expiry = (day + policy.window_days) * DAY
+        moments.add((expiry, sum(1 for when, *_ in applied if when < expiry)))
+    tier, entered = policy.tiers[0].name, (0, 0)
     warnings: dict[tuple[str, str], int] = {}  # (tier, below_since) -> warnings seen
-    for n in notes:
+    for n, mark in notes:
         at = epoch(n.occurred_at)
         x = n.explanation
         if n.type is UP:
             assert x["previous_tier"] == tier
-            tier, entered = x["new_tier"], at
+            tier, entered = x["new_tier"], (at, mark)
             continue
         if n.type is WARN:
             assert x["tier"] == tier
@@ -449,50 +459,51 @@ def check_hysteresis(policy: Policy, history: list[Op]) -> None:
             warnings[key] = warnings.get(key, 0) + 1
             assert warnings[key] == 1, f"second warning for {key}"
             assert changes.warning_days > 0
-            assert epoch(n.occurred_at) == max(
+            assert at == max(
                 _epoch(x["downgrade_at"]) - changes.warning_days * DAY, _epoch(x["below_since"])
             )
             continue
         assert n.type is DOWN and x["previous_tier"] == tier
         rule = policy.tiers[policy.tier_rank(tier)]
 
-        def meets(moment: int, strict: bool, rule: Any = rule) -> bool:
-            orders, spend = window_model(applied, moment, policy.window_days, strict)
+        def meets(moment: tuple[int, int], rule: Any = rule) -> bool:
+            orders, spend = window_model(applied[: moment[1]], moment[0], policy.window_days)
             return orders >= rule.min_window_orders and spend >= int(rule.min_window_spend * 100)
 
         # Never before tier_since + min_days_in_tier ...
-        assert at >= entered + changes.min_days_in_tier * DAY
-        # ... nor before grace_days of missing the rule without a break (computed here from
-        # the applied events, not from the engine's below_since).
-        assert not meets(at, strict=True), "downgraded while meeting the tier's rule"
+        assert at >= entered[0] + changes.min_days_in_tier * DAY
+        # ... nor before grace_days of missing the rule without a break, computed here from
+        # the applied events (not from the engine's below_since).
+        assert not meets((at, mark)), "downgraded while meeting the tier's rule"
         start = at
-        for point in reversed([p for p in checkpoints if entered <= p < at]):
-            if meets(point, strict=False):
+        for moment in sorted(m for m in moments | {entered} if entered <= m < (at, mark))[::-1]:
+            if meets(moment):
                 break
-            start = point
-        else:  # below the rule ever since entering the tier (a step down that still misses)
-            if not meets(entered, strict=True):
-                start = entered
+            start = moment[0]
         assert at >= start + changes.grace_days * DAY
-        # The engine's own below_since is exactly when the episode started.
+        # The engine's own below_since is exactly when the episode started, and the
+        # downgrade comes at the later of its two conditions, not later.
         assert _epoch(x["below_since"]) == start
-        below = start
-        assert at == max(below + changes.grace_days * DAY, entered + changes.min_days_in_tier * DAY)
+        assert at == max(
+            start + changes.grace_days * DAY, entered[0] + changes.min_days_in_tier * DAY
+        )
         # Exactly one warning for this episode (none when warning_days is 0).
         expected = 1 if changes.warning_days > 0 else 0
         assert warnings.get((tier, x["below_since"]), 0) == expected
         # One step, or straight to the qualifying tier.
-        orders, spend = window_model(applied, at, policy.window_days, strict=True)
+        orders, spend = window_model(applied[:mark], at, policy.window_days)
         qualifying = policy.tier_rank(qualifying_tier(policy, orders, spend).name)
         rank = policy.tier_rank(tier)
         new_rank = max(qualifying, rank - 1) if changes.downgrade_to == "one_step" else qualifying
         assert x["new_tier"] == policy.tiers[new_rank].name
-        tier, entered = x["new_tier"], at
-    assert tier == (c.s.tier if c.state else policy.tiers[0].name)
+        tier, entered = x["new_tier"], (at, mark)
     # Two years after the last event every purchase has left the window, and every step
     # down has happened.
-    assert (c.s.tier if c.state else "member") == policy.tiers[0].name
+    assert tier == (c.s.tier if c.state else policy.tiers[0].name) == policy.tiers[0].name
     assert c.state is None or downgrade_due(c.s, policy) is None
+    downgrades = sum(1 for n, _ in notes if n.type is DOWN)
+    event(f"downgrades: {min(downgrades, 3)}{'+' if downgrades > 3 else ''}")
+    event(f"warnings without a downgrade: {len(warnings) - downgrades > 0}")
 
 
 def _epoch(text: str) -> int:
