@@ -10,7 +10,9 @@ The core (`Simulation`, `simulate`, `render`) is pure and takes CustomerState ob
 `collect` and the command read Redis.
 
 Applying a new policy is a decision, not a command: restart the workers with
-MEMBERFLOW_RULES_FILE pointing to the new file (each worker refuses to start with a bad one).
+MEMBERFLOW_RULES_FILE pointing to the new file (each worker refuses to start with a bad one);
+the first worker with a new policy version wakes every customer for re-evaluation
+(memberflow.population.adopt_policy).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import asyncio
 import json
 import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -46,14 +49,15 @@ current population snapshot (each policy's segments.method and grade map). Print
 machines. FILE is validated first (exit 2 with the reasons when it is not a usable policy).
 Read only: nothing is written.
 
-Applying a new policy (the decision; there is no apply command): validate it with
-`memberflow rules check FILE`, then restart the workers with MEMBERFLOW_RULES_FILE pointing
-to FILE (a worker refuses to start with a bad file; while old and new workers run side by
-side, the partitions still on old workers are judged by the old policy). Customers then move
-under the new rules as they are next evaluated, on their next purchase or timer: upgrades at
-once, downgrades only after the new policy's grace period and minimum time in the tier, with
-their warning. Segments and grades follow on the same occasions, or when a new snapshot's
-thresholds move past the customer's values (`memberflow segments --publish`)."""
+Applying a new policy (the decision; there is no apply command): check it with
+`memberflow rules check FILE`, give it a new `version:` (the re-evaluation below is keyed on
+it), look at this what-if, then restart the workers with MEMBERFLOW_RULES_FILE pointing to
+FILE (a worker refuses to start with a bad file). The first worker that starts with a policy
+version other than the one recorded in Redis wakes every customer, and each is re-evaluated
+under the new policy through the timer path: upgrades at once, a raised bar starts the grace
+period (the downgrade follows after grace_days and min_days_in_tier, with its warning),
+segments and grades relabelled. While old and new workers run side by side, the partitions
+still on old workers are judged by the old policy."""
 
 
 def _rank(policy: Policy, tier: str) -> int | None:
@@ -152,8 +156,9 @@ class Simulation:
                 self.grades.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))
             )
         ]
-        up = sum(m["customers"] for m in tier_moves if m["direction"] == "up")
-        down = sum(m["customers"] for m in tier_moves if m["direction"] == "down")
+        directions: Counter[str] = Counter()
+        for (old, new), count in self.tiers.items():
+            directions[self._tier_direction(old, new)] += count
         return {
             "as_of": iso(self.now),
             "current_policy": self.current.version,
@@ -179,9 +184,9 @@ class Simulation:
                 "customers": self.customers,
                 "changed": self.changed,
                 "unchanged": self.customers - self.changed,
-                "tier_changed": sum(m["customers"] for m in tier_moves if m["from"] != m["to"]),
-                "tier_up": up,
-                "tier_down": down,
+                "tier_changed": self.customers - directions["same"],
+                "tier_up": directions["up"],
+                "tier_down": directions["down"],
                 "segment_changed": sum(n for (a, b), n in self.segments.items() if a != b),
                 "grade_changed": sum(n for (a, b), n in self.grades.items() if a != b),
                 "held_above_qualifying": self.held,
@@ -193,11 +198,17 @@ class Simulation:
     def _notes(self) -> list[str]:
         current, new = self.current, self.new
         notes = [
-            "Tiers are the qualifying tiers on each policy's window. Under the new policy an "
-            "upgrade happens at the customer's next purchase or timer; a downgrade only after "
-            f"its grace period ({new.tier_changes.grace_days} days below the rule, at least "
+            "Tiers are the qualifying tiers on each policy's window. Once the workers run the "
+            "new policy, upgrades happen at once; a downgrade only after its grace period "
+            f"({new.tier_changes.grace_days} days below the rule, at least "
             f"{new.tier_changes.min_days_in_tier} days in the tier) and its warning."
         ]
+        if new.version == current.version and new != current:
+            notes.append(
+                f"The new file has the same version as the current policy ({new.version}): "
+                "workers re-evaluate every customer only when the version changes; give it a "
+                "new version."
+            )
         if self.snapshot is None:
             notes.append(
                 "No population snapshot yet: segments and grades are not simulated "
@@ -267,6 +278,12 @@ def _segment_label(code: str | None) -> str:
     return f"{code} ({names[0]})" if names else code
 
 
+def _pad(text: str, width: int) -> str:
+    """Left-justify for a terminal: the Chinese type names take two columns a character."""
+    columns = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    return text + " " * max(0, width - columns)
+
+
 def render(report: dict[str, Any], current_file: str, new_file: str) -> str:
     """The report as the text table the command prints."""
     lines = [
@@ -288,7 +305,8 @@ def render(report: dict[str, Any], current_file: str, new_file: str) -> str:
         for move in report["segments"]["moves"]:
             mark = "" if move["from"] == move["to"] else "  changed"
             lines.append(
-                f"  {_segment_label(move['from']):<30} -> {_segment_label(move['to']):<30} "
+                f"  {_pad(_segment_label(move['from']), 36)} -> "
+                f"{_pad(_segment_label(move['to']), 36)} "
                 f"{move['customers']:>9}{mark}"
             )
         lines += ["", "grades:"]

@@ -176,9 +176,7 @@ def test_count_at_most(make_store: StoreFactory) -> None:
 
 def test_customers_between_is_low_exclusive_high_inclusive(make_store: StoreFactory) -> None:
     async def body(store: Store) -> None:
-        await store.contribute(
-            [contribution(f"c{f}", 1, f=f, partition=f % 3) for f in range(10)]
-        )
+        await store.contribute([contribution(f"c{f}", 1, f=f, partition=f % 3) for f in range(10)])
 
         async def between(low: float, high: float) -> list[tuple[str, int]]:
             return sorted(await store.customers_between("f", low, high))

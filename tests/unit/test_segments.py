@@ -331,7 +331,9 @@ def customer(last: int = T0, orders: int = 3, spend: int = 30_000) -> CustomerSt
     )
 
 
-def population(version: int, mean_f: float = 5.0, cuts_f: tuple[int, ...] = (2, 4, 6, 8)) -> Snapshot:
+def population(
+    version: int, mean_f: float = 5.0, cuts_f: tuple[int, ...] = (2, 4, 6, 8)
+) -> Snapshot:
     return Snapshot(
         version=version,
         published_at=T0,
@@ -418,7 +420,9 @@ def test_a_type_change_emits_one_explained_segment_changed() -> None:
 def test_a_grade_change_alone_emits_segment_changed() -> None:
     state = customer()
     reclassify(state, POLICY, population(1), T0, EVENT)
-    regraded = policy_with(lambda d: d["segments"]["grades"].__setitem__("general_development", "A"))
+    regraded = policy_with(
+        lambda d: d["segments"]["grades"].__setitem__("general_development", "A")
+    )
     notes, changed = reclassify(state, regraded, population(2), T0, SNAP_CAUSE)
     assert changed is True
     assert [n.type for n in notes] == [NotificationType.SEGMENT_CHANGED]

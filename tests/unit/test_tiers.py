@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
 import yaml
@@ -49,6 +50,7 @@ def policy_with(change: Callable[[dict[str, Any]], None]) -> Policy:
     return parse_policy(yaml.safe_dump(doc, allow_unicode=True))
 
 
+@cache
 def tier_changes(**values: Any) -> Policy:
     return policy_with(lambda d: d["tier_changes"].update(values))
 
@@ -152,7 +154,11 @@ def test_upgrade_at_once_on_the_event_that_crosses() -> None:
     assert kinds(notes) == [(UP, T0 + 60)]
     assert c.s.tier == "silver" and c.s.tier_since == T0 + 60
     x = notes[-1].explanation
-    assert (x["previous_tier"], x["new_tier"], x["rule"]) == ("member", "silver", "tier.silver.entry")
+    assert (x["previous_tier"], x["new_tier"], x["rule"]) == (
+        "member",
+        "silver",
+        "tier.silver.entry",
+    )
     assert x["inputs"]["window_orders"] == 2 and x["inputs"]["window_spend"] == "400.00"
     assert x["thresholds"] == {"min_window_orders": 2, "min_window_spend": "300", "currency": "EUR"}
 
@@ -206,7 +212,12 @@ def test_warning_14_days_ahead_then_one_step_down_at_the_later_of_grace_and_min_
     assert (down.explanation["previous_tier"], down.explanation["new_tier"]) == ("gold", "silver")
     assert down.explanation["below_since"] == iso(below)
     assert down.explanation["downgrade_to"] == "one_step"
-    assert (c.s.tier, c.s.tier_since, c.s.below_since, c.s.warned_for) == ("silver", due, None, None)
+    assert (c.s.tier, c.s.tier_since, c.s.below_since, c.s.warned_for) == (
+        "silver",
+        due,
+        None,
+        None,
+    )
     assert c.at(due + 200 * DAY) == []  # 950 EUR in 4 orders meets silver
 
 
@@ -300,9 +311,7 @@ def test_a_purchase_that_meets_the_tier_again_ends_the_grace_period() -> None:
     assert c.s.tier == "gold"
 
 
-def test_recovering_after_the_warning_cancels_the_downgrade_and_a_new_episode_warns_again() -> (
-    None
-):
+def test_recovering_after_the_warning_cancels_the_downgrade_and_a_new_episode_warns_again() -> None:
     c = gold_customer()
     c.refund(T0 + 10 * DAY, "p1", "250")
     assert kinds(c.at(T0 + 80 * DAY)) == [(WARN, T0 + 79 * DAY)]
@@ -312,7 +321,7 @@ def test_recovering_after_the_warning_cancels_the_downgrade_and_a_new_episode_wa
     assert c.s.tier == "gold"
     # A second episode: its own warning and downgrade.
     second = T0 + 100 * DAY
-    c.refund(second, "p2", "300")  # 4 orders (one whole refund of the 5), 760 EUR
+    c.refund(second, "p2", "300")  # a whole order back: 4 orders, 750 EUR
     notes = c.at(second + 30 * DAY)
     assert kinds(notes) == [(WARN, second + 16 * DAY), (DOWN, second + 30 * DAY)]
     assert notes[0].explanation["below_since"] == iso(second)
