@@ -137,6 +137,10 @@ def _outbox_from(raw: bytes | None) -> tuple[Notification, ...]:
     return tuple(Notification.model_validate(doc) for doc in json.loads(raw))
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _expand(writes: Sequence[Write]) -> list[Write | None]:
     """Align pipeline replies with writes: a None stands for a write's ZADD reply."""
     out: list[Write | None] = []
@@ -349,19 +353,8 @@ class RedisStore:
             pipe.zrangebyscore(keys.stats(shard, dimension), f"({low}", high)
         found: list[tuple[int, str]] = []
         for shard, members in enumerate(await pipe.execute()):
-            found.extend((shard, m.decode() if isinstance(m, bytes) else str(m)) for m in members)
-        if not found:
-            return []
-        pipe = self.client.pipeline(transaction=False)
-        for shard, cid in found:
-            pipe.hget(keys.stats(shard, "meta"), cid)
-        out = []
-        for (_, cid), meta in zip(found, await pipe.execute(), strict=True):
-            if meta:
-                out.append(
-                    (cid, int((meta.decode() if isinstance(meta, bytes) else meta).split("|")[1]))
-                )
-        return out
+            found.extend((shard, _text(m)) for m in members)
+        return await self._partitions_of(found)
 
     async def distribution(self) -> dict[str, int]:
         pipe = self.client.pipeline(transaction=False)
@@ -398,9 +391,7 @@ class RedisStore:
         for shard in range(self.stats_shards):
             pipe.smembers(keys.stats(shard, "unclassified"))
         found = [
-            (shard, m.decode() if isinstance(m, bytes) else str(m))
-            for shard, members in enumerate(await pipe.execute())
-            for m in members
+            (shard, _text(m)) for shard, members in enumerate(await pipe.execute()) for m in members
         ]
         return await self._partitions_of(found)
 
@@ -412,9 +403,8 @@ class RedisStore:
             pipe.hget(keys.stats(shard, "meta"), cid)
         out = []
         for (_, cid), meta in zip(found, await pipe.execute(), strict=True):
-            if meta:
-                text = meta.decode() if isinstance(meta, bytes) else meta
-                out.append((cid, int(text.split("|")[1])))
+            if meta:  # "version|partition|..."
+                out.append((cid, int(_text(meta).split("|")[1])))
         return out
 
     async def try_lock(self, ttl_s: int) -> bool:
