@@ -7,14 +7,17 @@ its partitions (a zombie after a rebalance) fail instead of overwriting newer st
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import inspect
 import json
 import zlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import ClusterDownError, NoScriptError
 
 from rules.customer import CustomerState
 from state import keys
@@ -137,6 +140,9 @@ def _outbox_from(raw: bytes | None) -> tuple[Notification, ...]:
     return tuple(Notification.model_validate(doc) for doc in json.loads(raw))
 
 
+_REDIS_OPTIONS = frozenset(inspect.signature(Redis.__init__).parameters) - {"self"}
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -170,31 +176,85 @@ class RedisStore:
         self.client = client
         self.stats_shards = stats_shards
         self._shas: dict[str, str] = {}
+        # Redis Cluster: redis-py refuses EVALSHA in a cluster pipeline, so scripts go through
+        # one plain pipeline per node (keys grouped by the node owning their slot).
+        self.cluster = isinstance(client, RedisCluster)
+        self._nodes: dict[str, Redis] = {}
 
     async def _script_sha(self, body: str) -> str:
         sha = self._shas.get(body)
         if sha is None:
-            sha = await self.client.script_load(body)
+            sha = hashlib.sha1(body.encode()).hexdigest()
             self._shas[body] = sha
         return sha
+
+    async def _node_client(self, key: str) -> Redis:
+        cluster = cast(RedisCluster, self.client)
+        if not cluster.get_nodes():
+            await cluster.initialize()
+        node = cluster.get_node_from_key(key)
+        if node is None:
+            raise ClusterDownError(f"no node serves the slot of {key}")
+        client = self._nodes.get(node.name)
+        if client is None:
+            # The node's own connection settings: password, TLS and timeouts included (minus
+            # the cluster client's private options, which a plain client does not take).
+            options = {k: v for k, v in node.connection_kwargs.items() if k in _REDIS_OPTIONS}
+            client = Redis(**options)
+            self._nodes[node.name] = client
+        return client
+
+    async def _eval_group(
+        self,
+        client: AnyRedis,
+        sha: str,
+        body: str,
+        calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+    ) -> list[Any]:
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            for call_keys, args in calls:
+                pipe.evalsha(sha, len(call_keys), *call_keys, *args)
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                # Redis forgets scripts when it restarts: load it where it is missing.
+                await client.script_load(body)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _eval_many(
+        self, body: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """EVALSHA each (keys, args): one pipeline, or one per node on a Cluster (the keys of
+        one call always share a slot). Results come back in the order of `calls`."""
+        if not calls:
+            return []
+        sha = await self._script_sha(body)
+        if not self.cluster:
+            return await self._eval_group(self.client, sha, body, calls)
+        groups: dict[str, tuple[Redis, list[int]]] = {}
+        for index, (call_keys, _) in enumerate(calls):
+            client = await self._node_client(call_keys[0])
+            groups.setdefault(str(id(client)), (client, []))[1].append(index)
+        results: list[Any] = [None] * len(calls)
+        replies = await asyncio.gather(
+            *(
+                self._eval_group(client, sha, body, [calls[i] for i in indexes])
+                for client, indexes in groups.values()
+            )
+        )
+        for (_, indexes), reply in zip(groups.values(), replies, strict=True):
+            for index, value in zip(indexes, reply, strict=True):
+                results[index] = value
+        return results
 
     async def _run_scripts(
         self, body: str, calls: Sequence[tuple[str, Sequence[Any]]]
     ) -> list[Any]:
-        """EVALSHA each (key, args) in one pipeline; reload once if Redis forgot the script
-        (it does after a restart)."""
-        for attempt in (1, 2):
-            sha = await self._script_sha(body)
-            pipe = self.client.pipeline(transaction=False)
-            for key, args in calls:
-                pipe.evalsha(sha, 1, key, *args)
-            try:
-                return list(await pipe.execute())
-            except NoScriptError:
-                self._shas.pop(body, None)
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        """EVALSHA a one-key script for each (key, args)."""
+        return await self._eval_many(body, [([key], args) for key, args in calls])
 
     async def load(self, customer_ids: Sequence[str]) -> dict[str, Stored]:
         pipe = self.client.pipeline(transaction=False)
@@ -206,33 +266,54 @@ class RedisStore:
     async def save(self, writes: Sequence[Write]) -> dict[str, int | None]:
         if not writes:
             return {}
-        save_sha = await self._script_sha(SAVE_LUA)
+        index_first = [w for w in writes if w.timer is not None and w.timer.due is not None]
+        calls = [
+            (
+                [keys.customer(w.customer_id)],
+                (w.expected_version, w.state.to_json(), _outbox_json(w.outbox)),
+            )
+            for w in writes
+        ]
+        if self.cluster:
+            # The index lives on other slots: a round trip of its own, before the states.
+            if index_first:
+                pipe = self.client.pipeline(transaction=False)
+                for w in index_first:
+                    self._index_earlier(pipe, w)
+                await pipe.execute()
+            results = await self._eval_many(SAVE_LUA, calls)
+        else:
+            results = await self._save_single(writes, calls)
+        return {
+            w.customer_id: (v if (v := int(r)) >= 0 else None)
+            for w, r in zip(writes, results, strict=True)
+        }
+
+    @staticmethod
+    def _index_earlier(pipe: Any, w: Write) -> None:
+        # LT: only ever earlier here; confirm() sets the exact time afterwards.
+        assert w.timer is not None and w.timer.due is not None
+        pipe.zadd(keys.timer_index(w.timer.shard), {w.customer_id: w.timer.due}, lt=True)
+
+    async def _save_single(
+        self, writes: Sequence[Write], calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """One round trip: each customer's index entry, then its state, in pipeline order."""
+        sha = await self._script_sha(SAVE_LUA)
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
-            for w in writes:
+            for w, (call_keys, args) in zip(writes, calls, strict=True):
                 if w.timer is not None and w.timer.due is not None:
-                    # LT: only ever earlier here; confirm() sets the exact time afterwards.
-                    pipe.zadd(
-                        keys.timer_index(w.timer.shard), {w.customer_id: w.timer.due}, lt=True
-                    )
-                pipe.evalsha(
-                    save_sha,
-                    1,
-                    keys.customer(w.customer_id),
-                    w.expected_version,
-                    w.state.to_json(),
-                    _outbox_json(w.outbox),
-                )
+                    self._index_earlier(pipe, w)
+                pipe.evalsha(sha, 1, *call_keys, *args)
             try:
-                results = await pipe.execute()
+                replies = await pipe.execute()
                 break
             except NoScriptError:
-                self._shas.pop(SAVE_LUA, None)
-                save_sha = await self._script_sha(SAVE_LUA)
+                await self.client.script_load(SAVE_LUA)
                 if attempt == 2:
                     raise
-        versions = iter(r for w, r in zip(_expand(writes), results, strict=True) if w is not None)
-        return {w.customer_id: (v if (v := int(next(versions))) >= 0 else None) for w in writes}
+        return [r for w, r in zip(_expand(writes), replies, strict=True) if w is not None]
 
     async def confirm(
         self,
@@ -306,22 +387,13 @@ class RedisStore:
                     c.stage,
                 )
             )
-        if not by_shard:
-            return
-        sha = await self._script_sha(CONTRIBUTE_LUA)
-        for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
-            for shard, args in sorted(by_shard.items()):
-                stats_keys = [keys.stats(shard, part) for part in keys.STATS_PARTS]
-                pipe.evalsha(sha, len(stats_keys), *stats_keys, *args)
-            try:
-                await pipe.execute()
-                return
-            except NoScriptError:
-                self._shas.pop(CONTRIBUTE_LUA, None)
-                sha = await self._script_sha(CONTRIBUTE_LUA)
-                if attempt == 2:
-                    raise
+        await self._eval_many(
+            CONTRIBUTE_LUA,
+            [
+                ([keys.stats(shard, part) for part in keys.STATS_PARTS], args)
+                for shard, args in sorted(by_shard.items())
+            ],
+        )
 
     async def population(self) -> tuple[int, dict[str, int]]:
         pipe = self.client.pipeline(transaction=False)
@@ -372,14 +444,10 @@ class RedisStore:
         return raw.decode() if isinstance(raw, bytes) else raw
 
     async def publish_snapshot(self, version: int, document: str) -> bool:
-        sha = await self._script_sha(PUBLISH_SNAPSHOT_LUA)
-        try:
-            stored = await self.client.evalsha(
-                sha, 2, keys.snapshot(), keys.snapshot_version(), version, document
-            )
-        except NoScriptError:
-            self._shas.pop(PUBLISH_SNAPSHOT_LUA, None)
-            return await self.publish_snapshot(version, document)
+        (stored,) = await self._eval_many(
+            PUBLISH_SNAPSHOT_LUA,
+            [([keys.snapshot(), keys.snapshot_version()], (version, document))],
+        )
         return bool(stored)
 
     async def snapshot_version(self) -> int:
@@ -453,4 +521,6 @@ class RedisStore:
                 yield stored
 
     async def close(self) -> None:
+        for client in self._nodes.values():
+            await client.aclose()
         await self.client.aclose()

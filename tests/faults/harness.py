@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -41,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
@@ -570,106 +572,165 @@ def retries(worker: WorkerProcess) -> float:
 # -- kill switch -----------------------------------------------------------------------------
 
 
-class KillSwitch(threading.Thread):
-    """kill -9 a worker at a chosen step of its batch protocol, told by Redis keyspace events:
+def _watch_redis(
+    port: int,
+    redis_pid: int,
+    broker_pid: int,
+    trigger: str,
+    delay_s: float,
+    ready: Any,
+    frozen: Any,
+    halt: Any,
+) -> None:
+    """KillSwitch's watcher, in a process of its own: a thread of the test process can be
+    kept from running for milliseconds (the GIL, held by the feeder's Kafka client) while the
+    worker moves on. Freezes Redis (SIGSTOP) at the trigger and says so."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    client.config_set("notify-keyspace-events", "Eh")  # hash commands only
+    pubsub = client.pubsub()
+    pubsub.subscribe("__keyevent@0__:hset", "__keyevent@0__:hdel")
+    ready.set()
+    last_hset = None
+    while not halt.is_set():
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+        if message is None or not message["data"].startswith(CUSTOMER_KEY):
+            continue  # no message, or not a customer's hash (population statistics)
+        event, key = message["channel"].rpartition(b":")[2], message["data"]
+        # The save script sets v and s, then o if there is an outbox: the same key twice in a
+        # row is an outbox write. confirm() clears outboxes with hdel.
+        repeated = event == b"hset" and key == last_hset
+        if event == b"hset":
+            last_hset = key
+        hit = (
+            (trigger == "state" and event == b"hset")
+            or (trigger in ("outbox", "produced") and repeated)
+            or (trigger == "confirm" and event == b"hdel")
+        )
+        if hit:
+            if delay_s:
+                time.sleep(delay_s)
+            if trigger == "produced":
+                # Hold the worker at its produce step: the broker stops answering while the
+                # worker finishes its Redis calls, then Redis stops and the broker resumes, so
+                # the worker gets its acks and hangs in confirm().
+                os.kill(broker_pid, signal.SIGSTOP)
+                try:
+                    time.sleep(0.1)
+                    os.kill(redis_pid, signal.SIGSTOP)
+                finally:
+                    os.kill(broker_pid, signal.SIGCONT)
+            else:
+                os.kill(redis_pid, signal.SIGSTOP)
+            frozen.set()
+            return  # no more Redis calls: it is frozen (the parent resets the config)
 
-    - "state": right after it writes a customer's state (`hset` of v and s in the save
-      script), i.e. inside the save pipeline;
-    - "outbox": right after it writes a customer's outbox (the script's second `hset` of the
-      same key), before or while producing it;
-    - "produced": after it produced an outbox and before it cleared it. That window is one
-      Redis round trip wide, so it is held open: `delay_s` after an outbox write Redis is
-      frozen (SIGSTOP); a worker that got the save's replies by then produces the outbox and
-      hangs in confirm(); it is killed, and Redis resumes. The next worker finds the outbox
-      and produces it again: duplicate ids. (Frozen too early, the worker hangs before
-      producing; frozen too late, it has cleared the outbox: a couple of milliseconds suit
-      the small batches of a steady feed.)
-    - "confirm": right after it clears its produced outboxes (`hdel` of o in confirm()), before
-      the timer index update and the offset commit.
 
-    `delay_s` moves the kill later. Sends SIGKILL itself: ManagedProcess.kill() would wait for
-    the lock that a concurrent start() holds."""
+class KillSwitch:
+    """kill -9 a worker at a chosen step of its batch protocol. Redis keyspace events tell the
+    moment; Redis is frozen (SIGSTOP) right there, so the worker cannot get past its next Redis
+    call; it is killed while it waits, and Redis resumes. Triggers:
+
+    - "state": a customer's state written (`hset` of v and s in the save script): the kill
+      lands inside or right after the save pipeline, before anything is produced;
+    - "outbox": an outbox written (the script's second `hset` of the key): likewise;
+    - "produced": an outbox written; the broker is stopped for a moment (SIGSTOP) so that
+      the worker reaches its produce step with the outbox still stored, then Redis is
+      frozen and the broker resumes: the worker produces the outbox, hangs in confirm() and
+      dies there. The next worker finds the outbox and produces it again: duplicate ids, by
+      design. Without the freezes this window is one Redis round trip wide. (If the worker
+      was faster than the watcher, it is merely killed a little later.)
+    - "confirm": outboxes cleared (`hdel` in confirm()): the kill lands before the timer index
+      update and the offset commit.
+
+    `delay_s` moves the freeze later."""
 
     TRIGGERS = ("state", "outbox", "produced", "confirm")
-    FREEZE_S = 0.5  # Redis frozen this long: producing a batch takes a few milliseconds
+    HOLD_S = 0.5  # Redis frozen this long before the kill: producing takes milliseconds
 
     def __init__(
-        self, server: LocalRedis, worker: WorkerProcess, trigger: str, delay_s: float = 0.0
+        self,
+        server: LocalRedis,
+        worker: WorkerProcess,
+        trigger: str,
+        delay_s: float = 0.0,
+        broker: LocalBroker | None = None,
     ) -> None:
-        super().__init__(name="kill-switch", daemon=True)
         assert trigger in self.TRIGGERS, trigger
+        assert broker is not None or trigger != "produced", "'produced' holds the broker too"
         self.server, self.worker, self.trigger, self.delay_s = server, worker, trigger, delay_s
+        self.broker = broker
         self.fired = threading.Event()
-        self._halt = threading.Event()
-        self._ready = threading.Event()
+        context = multiprocessing.get_context("spawn")
+        self._ready, self._frozen, self._halt = context.Event(), context.Event(), context.Event()
+        self._context = context
+        self._watcher: Any = None
+        self._killer: threading.Thread | None = None
 
     def describe(self) -> str:
-        if self.trigger == "produced":
-            return f"after producing an outbox, before clearing it (Redis frozen {self.FREEZE_S}s)"
-        step = {"state": "a state write", "outbox": "an outbox write", "confirm": "an outbox clear"}
-        return f"{self.delay_s * 1000:.1f} ms after {step[self.trigger]}"
-
-    def _matches(self, event: bytes, repeated: bool) -> bool:
-        if self.trigger == "state":
-            return event == b"hset"
-        if self.trigger == "confirm":
-            return event == b"hdel"
-        return event == b"hset" and repeated
-
-    def run(self) -> None:
-        with self.server.client() as client:
-            client.config_set("notify-keyspace-events", "EA")  # every key event, by event name
-            pubsub = client.pubsub()
-            pubsub.psubscribe("__keyevent@0__:*")
-            self._ready.set()
-            last_hset = None
-            try:
-                while not self._halt.is_set():
-                    message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
-                    if message is None or not message["data"].startswith(CUSTOMER_KEY):
-                        continue  # clocks, indexes, population statistics: not a customer
-                    event = message["channel"].rpartition(b":")[2]
-                    repeated = event == b"hset" and message["data"] == last_hset
-                    if event == b"hset":
-                        last_hset = message["data"]
-                    if not self._matches(event, repeated):
-                        continue
-                    if self.delay_s:
-                        time.sleep(self.delay_s)
-                    if self.trigger == "produced":
-                        self._kill_while_frozen()
-                    else:
-                        self._kill()
-                    return
-            finally:
-                pubsub.close()
-                client.config_set("notify-keyspace-events", "")
-
-    def _kill(self) -> None:
-        pid = self.worker.pid
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            self.fired.set()
-
-    def _kill_while_frozen(self) -> None:
-        redis_pid = self.server.pid
-        assert redis_pid is not None
-        os.kill(redis_pid, signal.SIGSTOP)
-        try:
-            time.sleep(self.FREEZE_S)
-            self._kill()
-        finally:
-            os.kill(redis_pid, signal.SIGCONT)
+        step = {
+            "state": "a state write",
+            "outbox": "an outbox write",
+            "produced": "an outbox write, held until produced",
+            "confirm": "an outbox clear",
+        }[self.trigger]
+        delay = f" + {self.delay_s * 1000:.1f} ms" if self.delay_s else ""
+        return f"Redis frozen at {step}{delay}, worker killed"
 
     def arm(self) -> KillSwitch:
-        self.start()
-        assert self._ready.wait(5), "kill switch did not subscribe"
+        redis_pid = self.server.pid
+        assert redis_pid is not None
+        self._redis_pid = redis_pid
+        self._watcher = self._context.Process(
+            target=_watch_redis,
+            args=(
+                self.server.port,
+                redis_pid,
+                (self.broker.pid or 0) if self.broker else 0,
+                self.trigger,
+                self.delay_s,
+                self._ready,
+                self._frozen,
+                self._halt,
+            ),
+            daemon=True,
+        )
+        self._watcher.start()
+        assert self._ready.wait(30), "kill switch did not subscribe"
+        self._killer = threading.Thread(target=self._kill_when_frozen, daemon=True)
+        self._killer.start()
         return self
+
+    def _kill_when_frozen(self) -> None:
+        while not self._halt.is_set():
+            if not self._frozen.wait(0.1):
+                continue
+            try:
+                time.sleep(self.HOLD_S)
+                pid = self.worker.pid
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+                    self.fired.set()
+            finally:
+                os.kill(self._redis_pid, signal.SIGCONT)
+            return
 
     def disarm(self) -> None:
         self._halt.set()
-        self.join(5)
+        if self._killer is not None:
+            self._killer.join(10)
+        if self._watcher is not None:
+            self._watcher.join(5)
+            if self._watcher.is_alive():
+                self._watcher.kill()
+                self._watcher.join(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._redis_pid, signal.SIGCONT)  # never leave Redis frozen
+        if self.broker is not None and self.broker.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.broker.pid, signal.SIGCONT)
+        with self.server.client() as client:
+            client.config_set("notify-keyspace-events", "")
 
 
 def seeded_rng(scenario: str) -> random.Random:

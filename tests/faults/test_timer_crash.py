@@ -90,7 +90,7 @@ def test_timers_due_while_down_fire_once_across_kill_9(
         worker.kill()
         notes.append(
             f"restart {number}: "
-            + (f"killed {switch.describe()}; " if fired else "nothing left to fire, not killed; ")
+            + (f"{switch.describe()}; " if fired else "nothing left to fire, not killed; ")
             + f"{len(pending_outboxes(aof_redis))} outboxes pending, "
             f"{due_timers(aof_redis, LATENESS_S)} customers still due"
         )

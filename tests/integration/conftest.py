@@ -20,7 +20,7 @@ import pytest
 import yaml
 from kafka import KafkaConsumer, TopicPartition
 
-from memberflow.services import LocalBroker, LocalRedis, WorkerProcess, free_port
+from memberflow.services import LocalBroker, LocalRedis, LocalRedisCluster, WorkerProcess, free_port
 from memberflow.settings import default_rules_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +56,9 @@ def policy_variant(changes: dict[str, Any], path: Path) -> Path:
 UPGRADE_ONLY = {"tier_changes": {"grace_days": 3650}}
 
 
-def worker_env(broker: LocalBroker, redis: LocalRedis, **overrides: str) -> dict[str, str]:
+def worker_env(
+    broker: LocalBroker, redis: LocalRedis | LocalRedisCluster, **overrides: str
+) -> dict[str, str]:
     """Environment for a worker or a CLI call against these services. Unless the test names a
     rules file, the policy is the default with downgrades out of reach (UPGRADE_ONLY)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMBERFLOW_")}
