@@ -133,3 +133,24 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 20.0) -> list[Any]
 
 def read_json_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
     return [json.loads(record.value) for record in read_topic(bootstrap, topic)]
+
+
+def wait_timers_settled(redis_url: str, partitions: int, until: int, timeout: float = 120) -> None:
+    """Wait until every partition's event clock reached `until` and no timer (or relabelling
+    wake-up) is due up to it: the worker has finished its time-driven work. A timer index
+    entry is what a worker still has to do, so this is a completion check, not a sleep."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            clocks = [client.get(f"mf:{{t:{p}}}:clock") for p in range(partitions)]
+            due = sum(client.zcount(f"mf:{{t:{p}}}:due", "-inf", until) for p in range(partitions))
+            if all(c is not None and int(c) >= until for c in clocks) and due == 0:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timers not settled by {until}: clocks {clocks}, due {due}")
+            time.sleep(0.3)
+    finally:
+        client.close()
