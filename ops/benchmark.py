@@ -554,6 +554,7 @@ class Bench:
         )
         if args.fetch_max_wait_ms is not None:
             base["BENCH_FETCH_MAX_WAIT_MS"] = str(args.fetch_max_wait_ms)
+        base.update(args.worker_env)
         return base
 
     def site_patch(self) -> str:
@@ -918,6 +919,8 @@ def run_memberflow(
         f"{notifications:,} notifications, {timers_fired:,} timers fired, cpu {cpu}, "
         f"{memory.get('bytes_per_customer') or 0:.0f} B/customer"
     )
+    # Input events plus the timers the worker fired meanwhile, per second: the work it did.
+    work_rate = rate * (last[0] + timers_fired) / last[0] if rate and last[0] else None
     result = {
         "label": label,
         "fetch_max_wait_patched": patched,
@@ -925,6 +928,7 @@ def run_memberflow(
         "measured_events": last[0] - first[0],
         "seconds": round(last[1] - first[1], 3),
         "events_per_s": round(rate) if rate else None,
+        "events_and_timers_per_s": round(work_rate) if work_rate else None,
         "outcomes": outcomes,
         "notifications": notifications,
         "timers_fired": timers_fired,
@@ -955,6 +959,16 @@ def measure_memory(bench: Bench, used_before: int, sample: int = 300) -> dict[st
                 seen_entries.append(len(doc["s"]))
             if taken >= per_node:
                 break
+    # The keys that are not customer hashes (timer indexes, population statistics, clocks...):
+    # MEMORY USAGE summed by family, e.g. "mf:{t:*}:due".
+    families: dict[str, int] = {}
+    for client in bench.node_clients():
+        for raw_key in client.scan_iter(match=f"{keys.PREFIX}:{{[^c]*", count=1000):
+            key = raw_key.decode(errors="replace")
+            family = re.sub(r"\{([a-z]+):[^}]*\}", r"{\1:*}", key)
+            families[family] = families.get(family, 0) + int(
+                client.memory_usage(raw_key, samples=0) or 0
+            )
     delta = used - used_before
     return {
         "used_memory_before": used_before,
@@ -967,6 +981,10 @@ def measure_memory(bench: Bench, used_before: int, sample: int = 300) -> dict[st
         "state_json_mean": round(statistics.fmean(state_bytes), 1) if state_bytes else None,
         "dedup_json_mean": round(statistics.fmean(seen_bytes), 1) if seen_bytes else None,
         "dedup_entries_mean": round(statistics.fmean(seen_entries), 2) if seen_entries else None,
+        "other_keys_bytes": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+        "other_keys_bytes_per_customer": round(sum(families.values()) / customers, 1)
+        if customers
+        else None,
     }
 
 
@@ -1352,6 +1370,7 @@ def run_sweep_size(bench: Bench, size: int, events: int) -> dict[str, Any]:
         "events_per_s": run.result["events_per_s"],
         "notifications": run.result["notifications"],
         "timers_fired": run.result["timers_fired"],
+        "events_and_timers_per_s": run.result["events_and_timers_per_s"],
         "customers_stored": memory["customers_stored"],
         "bytes_per_customer": memory["bytes_per_customer"],
         "memory_usage_mean": memory["memory_usage_mean"],
@@ -1393,6 +1412,17 @@ def report(results: dict[str, Any]) -> str:
         f"workers={config['workers']} redis={'cluster x3' if config['redis_cluster'] else 'single'}"
         f" batch={config['batch_max']}/{config['batch_within']}s"
         + ("  [quick]" if config["quick"] else "")
+    )
+    experiments = []
+    if config.get("fetch_max_wait_patched"):
+        experiments.append(f"Faust fetch_max_wait_ms={config['faust_fetch_max_wait_ms']}")
+    experiments.extend(f"{k}={v}" for k, v in (config.get("worker_env") or {}).items())
+    if experiments:
+        out.append("experiment settings: " + ", ".join(experiments))
+    git = config.get("git") or {}
+    out.append(
+        f"code: {git.get('commit') or 'unknown'}"
+        + (f" + {git['dirty_files']} uncommitted file(s)" if git.get("dirty_files") else "")
     )
     runs = results.get("throughput", {})
     names = {
@@ -1492,12 +1522,15 @@ def report(results: dict[str, Any]) -> str:
     memory = results.get("memory")
     if memory:
         out.append("")
+        biggest = list((memory.get("other_keys_bytes") or {}).items())[:4]
+        families = ", ".join(f"{name} {size:,} B" for name, size in biggest)
         out.append(
             f"Redis: {memory['bytes_per_customer']} B/customer (used_memory delta over "
             f"{memory['customers_stored']:,} customers); MEMORY USAGE mean "
             f"{memory['memory_usage_mean']} B; state JSON mean {memory['state_json_mean']} B, "
             f"of which dedup memory {memory['dedup_json_mean']} B "
-            f"({memory['dedup_entries_mean']} event ids)"
+            f"({memory['dedup_entries_mean']} event ids); other keys "
+            f"{memory.get('other_keys_bytes_per_customer')} B/customer ({families})"
         )
     worker_rss = results.get("worker_rss_kib")
     if worker_rss:
@@ -1519,6 +1552,7 @@ def report(results: dict[str, Any]) -> str:
                 f"{row['events_per_s']:,}" if row["events_per_s"] else "n/a",
                 f"{row['notifications'] / row['events']:.2f}",
                 f"{row['timers_fired']:,}",
+                f"{row['events_and_timers_per_s']:,}" if row["events_and_timers_per_s"] else "n/a",
                 row["bytes_per_customer"],
                 row["memory_usage_mean"],
             ]
@@ -1533,6 +1567,7 @@ def report(results: dict[str, Any]) -> str:
                     "events/s",
                     "notif./event",
                     "timers fired",
+                    "events+timers/s",
                     "B/customer",
                     "MEMORY USAGE",
                 ],
@@ -1664,6 +1699,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile", action="store_true", help="one extra memberflow run under py-spy"
     )
     parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="MEMBERFLOW_X=VALUE",
+        help="experiment: one more MEMBERFLOW_* setting for every consumer of the run "
+        "(repeatable), e.g. MEMBERFLOW_TIMER_POLL_S=3600",
+    )
+    parser.add_argument(
         "--fetch-max-wait-ms",
         type=int,
         help="experiment: set the fetch max wait of every Faust consumer in the run (Faust "
@@ -1685,6 +1728,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.customers = args.customers or (QUICK_CUSTOMERS if args.quick else DEFAULT_CUSTOMERS)
     args.latency_seconds = args.latency_seconds or (8.0 if args.quick else 20.0)
     args.phases = {p.strip() for p in args.phases.split(",") if p.strip()} - {"none"}
+    worker_env = {}
+    for item in args.worker_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("MEMBERFLOW_"):
+            parser.error(f"--worker-env takes MEMBERFLOW_NAME=VALUE, not {item!r}")
+        worker_env[name] = value
+    args.worker_env = worker_env
     unknown = args.phases - {"a", "a-default", "b", "c", "latency"}
     if unknown:
         parser.error(f"unknown phases: {sorted(unknown)}")
@@ -1744,6 +1794,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seed": args.seed,
             "faust_fetch_max_wait_ms": args.fetch_max_wait_ms or FAUST_FETCH_MAX_WAIT_MS,
             "fetch_max_wait_patched": args.fetch_max_wait_ms is not None,
+            "worker_env": args.worker_env,
             "git": git_state(),
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
@@ -1771,7 +1822,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 bench.dead_letter_topic: args.partitions,
             }
         )
-        results["preload"] = preload(bench, topic, args.events, args.customers)
+        if args.phases:  # a sweep alone pre-loads its own topics
+            results["preload"] = preload(bench, topic, args.events, args.customers)
         events = args.events
 
         baselines = (

@@ -22,6 +22,10 @@ could not have been cancelled by a straggler); learned repurchase intervals off 
 how many gaps the population showed so far); downgrades out of reach (the oracle models
 upgrades only). Segment notifications depend on when a wall-clock snapshot was published and
 are checked for duplicates only.
+
+Run: `.venv/bin/python -m pytest -m faults -s tests/faults` (about 3.5 minutes on 2 cores; -s
+shows each scenario's report). Fault timings are random; a run prints its FAULT_SEED, and
+FAULT_SEED=N repeats its choices.
 """
 
 from __future__ import annotations
@@ -444,7 +448,7 @@ class Report:
             *self.notes,
         ]
         if self.duplicate_ids:
-            shown = sorted(self.duplicate_ids.items())[:20]
+            shown = sorted(self.duplicate_ids.items())
             lines.append("duplicate notification ids: " + ", ".join(f"{i} x{n}" for i, n in shown))
         return "\n".join(lines)
 
@@ -572,20 +576,23 @@ def retries(worker: WorkerProcess) -> float:
 # -- kill switch -----------------------------------------------------------------------------
 
 
+PAUSE_MS = 5000  # a safety net: Redis resumes writes by itself if the test does not
+
+
 def _watch_redis(
     port: int,
-    redis_pid: int,
     broker_pid: int,
     trigger: str,
     delay_s: float,
     ready: Any,
-    frozen: Any,
+    paused: Any,
     halt: Any,
 ) -> None:
     """KillSwitch's watcher, in a process of its own: a thread of the test process can be
     kept from running for milliseconds (the GIL, held by the feeder's Kafka client) while the
-    worker moves on. Freezes Redis (SIGSTOP) at the trigger and says so."""
+    worker moves on. Pauses Redis writes at the trigger and says so."""
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    control = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
     client.config_set("notify-keyspace-events", "Eh")  # hash commands only
     pubsub = client.pubsub()
     pubsub.subscribe("__keyevent@0__:hset", "__keyevent@0__:hdel")
@@ -606,46 +613,47 @@ def _watch_redis(
             or (trigger in ("outbox", "produced") and repeated)
             or (trigger == "confirm" and event == b"hdel")
         )
-        if hit:
-            if delay_s:
-                time.sleep(delay_s)
-            if trigger == "produced":
-                # Hold the worker at its produce step: the broker stops answering while the
-                # worker finishes its Redis calls, then Redis stops and the broker resumes, so
-                # the worker gets its acks and hangs in confirm().
-                os.kill(broker_pid, signal.SIGSTOP)
-                try:
-                    time.sleep(0.1)
-                    os.kill(redis_pid, signal.SIGSTOP)
-                finally:
-                    os.kill(broker_pid, signal.SIGCONT)
-            else:
-                os.kill(redis_pid, signal.SIGSTOP)
-            frozen.set()
-            return  # no more Redis calls: it is frozen (the parent resets the config)
+        if not hit:
+            continue
+        if delay_s:
+            time.sleep(delay_s)
+        if trigger == "produced":
+            # Hold the worker at its produce step: the broker stops answering while the worker
+            # finishes its Redis calls, Redis writes pause, the broker resumes: the worker gets
+            # its acks, and its confirm() waits.
+            os.kill(broker_pid, signal.SIGSTOP)
+            try:
+                time.sleep(0.1)
+                control.execute_command("CLIENT", "PAUSE", PAUSE_MS, "WRITE")
+            finally:
+                os.kill(broker_pid, signal.SIGCONT)
+        else:
+            control.execute_command("CLIENT", "PAUSE", PAUSE_MS, "WRITE")
+        paused.set()
+        return
 
 
 class KillSwitch:
     """kill -9 a worker at a chosen step of its batch protocol. Redis keyspace events tell the
-    moment; Redis is frozen (SIGSTOP) right there, so the worker cannot get past its next Redis
-    call; it is killed while it waits, and Redis resumes. Triggers:
+    moment, and Redis pauses writes right there (CLIENT PAUSE WRITE; EVALSHA counts as a
+    write), so the worker cannot get past its next write; it is killed while it waits, the
+    write it had sent dies with its connection, and writes resume. Triggers:
 
     - "state": a customer's state written (`hset` of v and s in the save script): the kill
-      lands inside or right after the save pipeline, before anything is produced;
+      lands inside the save pipeline (the rest of it is never executed) or right after it;
     - "outbox": an outbox written (the script's second `hset` of the key): likewise;
-    - "produced": an outbox written; the broker is stopped for a moment (SIGSTOP) so that
-      the worker reaches its produce step with the outbox still stored, then Redis is
-      frozen and the broker resumes: the worker produces the outbox, hangs in confirm() and
-      dies there. The next worker finds the outbox and produces it again: duplicate ids, by
-      design. Without the freezes this window is one Redis round trip wide. (If the worker
-      was faster than the watcher, it is merely killed a little later.)
+    - "produced": an outbox written, and the broker stopped for a moment (SIGSTOP) so that the
+      worker reaches its produce step with the outbox still stored; writes pause, the broker
+      resumes: the worker produces the outbox and dies waiting in confirm(). The next worker
+      finds the outbox and produces it again: duplicate ids, by design. Unheld, this window
+      is one Redis round trip wide;
     - "confirm": outboxes cleared (`hdel` in confirm()): the kill lands before the timer index
       update and the offset commit.
 
-    `delay_s` moves the freeze later."""
+    `delay_s` moves the pause later."""
 
     TRIGGERS = ("state", "outbox", "produced", "confirm")
-    HOLD_S = 0.5  # Redis frozen this long before the kill: producing takes milliseconds
+    HOLD_S = 0.5  # writes paused this long before the kill: producing takes milliseconds
 
     def __init__(
         self,
@@ -661,7 +669,7 @@ class KillSwitch:
         self.broker = broker
         self.fired = threading.Event()
         context = multiprocessing.get_context("spawn")
-        self._ready, self._frozen, self._halt = context.Event(), context.Event(), context.Event()
+        self._ready, self._paused, self._halt = context.Event(), context.Event(), context.Event()
         self._context = context
         self._watcher: Any = None
         self._killer: threading.Thread | None = None
@@ -674,35 +682,33 @@ class KillSwitch:
             "confirm": "an outbox clear",
         }[self.trigger]
         delay = f" + {self.delay_s * 1000:.1f} ms" if self.delay_s else ""
-        return f"Redis frozen at {step}{delay}, worker killed"
+        return f"writes paused at {step}{delay}, worker killed"
 
     def arm(self) -> KillSwitch:
-        redis_pid = self.server.pid
-        assert redis_pid is not None
-        self._redis_pid = redis_pid
+        broker_pid = self.broker.pid if self.broker is not None else None
+        assert broker_pid or self.trigger != "produced"
         self._watcher = self._context.Process(
             target=_watch_redis,
             args=(
                 self.server.port,
-                redis_pid,
-                (self.broker.pid or 0) if self.broker else 0,
+                broker_pid or -1,
                 self.trigger,
                 self.delay_s,
                 self._ready,
-                self._frozen,
+                self._paused,
                 self._halt,
             ),
             daemon=True,
         )
         self._watcher.start()
         assert self._ready.wait(30), "kill switch did not subscribe"
-        self._killer = threading.Thread(target=self._kill_when_frozen, daemon=True)
+        self._killer = threading.Thread(target=self._kill_when_paused, daemon=True)
         self._killer.start()
         return self
 
-    def _kill_when_frozen(self) -> None:
+    def _kill_when_paused(self) -> None:
         while not self._halt.is_set():
-            if not self._frozen.wait(0.1):
+            if not self._paused.wait(0.1):
                 continue
             try:
                 time.sleep(self.HOLD_S)
@@ -711,9 +717,14 @@ class KillSwitch:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(pid, signal.SIGKILL)
                     self.fired.set()
+                time.sleep(0.2)  # Redis sees the connection closed: its queued writes go
             finally:
-                os.kill(self._redis_pid, signal.SIGCONT)
+                self._unpause()
             return
+
+    def _unpause(self) -> None:
+        with self.server.client() as client:
+            client.execute_command("CLIENT", "UNPAUSE")
 
     def disarm(self) -> None:
         self._halt.set()
@@ -724,17 +735,16 @@ class KillSwitch:
             if self._watcher.is_alive():
                 self._watcher.kill()
                 self._watcher.join(5)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self._redis_pid, signal.SIGCONT)  # never leave Redis frozen
         if self.broker is not None and self.broker.pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.broker.pid, signal.SIGCONT)
+                os.kill(self.broker.pid, signal.SIGCONT)  # never leave the broker stopped
+        self._unpause()
         with self.server.client() as client:
             client.config_set("notify-keyspace-events", "")
 
 
 def seeded_rng(scenario: str) -> random.Random:
-    """Kill timings are random, but reproducible: MEMBERFLOW_FAULT_SEED replays a run."""
-    seed = int(os.environ.get("MEMBERFLOW_FAULT_SEED", str(time.time_ns() % 1_000_000)))
-    print(f"[{scenario}] MEMBERFLOW_FAULT_SEED={seed}")
+    """Fault timings are random, but reproducible: FAULT_SEED=N replays a run's choices."""
+    seed = int(os.environ.get("FAULT_SEED", str(time.time_ns() % 1_000_000)))
+    print(f"[{scenario}] FAULT_SEED={seed}")
     return random.Random(f"{scenario}:{seed}")

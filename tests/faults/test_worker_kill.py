@@ -60,9 +60,9 @@ def test_worker_kill_9_under_load_loses_and_doubles_nothing(
 
     feeder = Feeder(broker.bootstrap, workload.records, rate=len(workload.records) / FEED_S)
     feeder.start()
-    # Random moments (mostly before or between Redis steps) and moments picked by Redis
-    # keyspace events: inside a save pipeline, between an outbox write and its production,
-    # and between producing a batch and clearing its outboxes (duplicates expected there).
+    # Random moments, and moments picked by Redis keyspace events (KillSwitch): inside a save
+    # pipeline, after an outbox write and before producing it, and after producing an outbox
+    # and before clearing it (its re-send gives duplicate ids on the topic).
     plans = [None, ("state", 0.0), ("outbox", rng.uniform(0.0, 0.003)), ("produced", 0.0), None]
     kills: list[str] = []
     try:
