@@ -205,11 +205,7 @@ class Engine:
         if self.clock_mode == "event" and shard_clocks:
             # Applied (or already applied) events and ticks only: a dead-lettered far-future
             # event must not move the clock (every later event would then be judged too old).
-            for shard, newest in sorted(shard_clocks.items()):
-                await self.retry("clock", partial(self.store.advance_clock, newest, shard))
-            clock = await self.retry(
-                "clock", partial(self.store.advance_clock, max(shard_clocks.values()))
-            )
+            clock = await self.retry("clock", partial(self.store.advance_clocks, shard_clocks))
             self.metrics.event_clock.set(clock)
         elif self.clock_mode == "wall":
             self.metrics.event_clock.set(wall_now)

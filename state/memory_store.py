@@ -65,6 +65,11 @@ class MemoryStore:
         self._clocks[shard] = max(self._clocks.get(shard, 0), seconds)
         return self._clocks[shard]
 
+    async def advance_clocks(self, shards: dict[int, int]) -> int:
+        for shard, seconds in shards.items():
+            await self.advance_clock(seconds, shard)
+        return await self.advance_clock(max(shards.values()))
+
     async def clock(self, shard: int | None = None) -> int | None:
         return self._clocks.get(shard)
 

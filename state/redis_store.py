@@ -341,6 +341,12 @@ class RedisStore:
         (result,) = await self._run_scripts(ADVANCE_CLOCK_LUA, [(key, (seconds,))])
         return int(result)
 
+    async def advance_clocks(self, shards: dict[int, int]) -> int:
+        """Raise each shard's clock and the global one (to the newest) in one round trip."""
+        calls = [([keys.shard_clock(shard)], (seconds,)) for shard, seconds in shards.items()]
+        calls.append(([keys.event_clock()], (max(shards.values()),)))
+        return int((await self._eval_many(ADVANCE_CLOCK_LUA, calls))[-1])
+
     async def clock(self, shard: int | None = None) -> int | None:
         key = keys.event_clock() if shard is None else keys.shard_clock(shard)
         raw = await self.client.get(key)

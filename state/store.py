@@ -80,6 +80,10 @@ class Store(Protocol):
         """Raise the event clock (global, or one shard's) to at least `seconds`; returns it."""
         ...
 
+    async def advance_clocks(self, shards: dict[int, int]) -> int:
+        """advance_clock for each shard, and the global clock to the newest; returns it."""
+        ...
+
     async def clock(self, shard: int | None = None) -> int | None: ...
 
     async def due(self, shard: int, until: int, limit: int) -> list[str]:
