@@ -371,6 +371,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             rate=args.rate,
             seed=args.seed,
             workdir=Path(args.workdir) if args.workdir else None,
+            hold_s=args.hold,
         )
     )
 
@@ -408,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=400.0, help="purchases per second offered (400)")
     p.add_argument("--seed", type=int, default=7, help="random seed of the synthetic shop (7)")
     p.add_argument("--workdir", help="keep logs and data here instead of a temp dir")
+    p.add_argument(
+        "--hold",
+        type=float,
+        default=0.0,
+        help="keep the broker, Redis and the worker up this many seconds after the summary, "
+        "to browse the status page and the HTTP API (0)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = commands.add_parser(

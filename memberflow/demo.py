@@ -9,6 +9,7 @@ a final one, and stops by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import threading
@@ -31,6 +32,7 @@ class DemoOptions:
     rate: float = 400.0
     seed: int = 7
     workdir: Path | None = None
+    hold_s: float = 0.0  # keep everything up this long after the summary (status page, API)
 
 
 class _Style:
@@ -168,9 +170,24 @@ def run_demo(options: DemoOptions) -> int:
         worker = WorkerProcess(env, workdir=workdir / "worker" if workdir else None)
         print("  starting a worker ...", file=out, flush=True)
         worker.start()
-        print(f"  worker  http://127.0.0.1:{web_port}/metrics   log: {worker.log_path}", file=out)
+        print(
+            f"  status  http://127.0.0.1:{web_port}/   (customers: /customers/<id>, "
+            f"metrics: /metrics)",
+            file=out,
+        )
+        print(f"  log     {worker.log_path}", file=out)
         try:
-            return _run(options, broker, redis_server, worker, style)
+            code = _run(options, broker, redis_server, worker, style)
+            if options.hold_s > 0 and code == 0:
+                print(
+                    f"\n  holding for {options.hold_s:.0f}s: open http://127.0.0.1:{web_port}/ "
+                    "(Ctrl-C stops)",
+                    file=out,
+                    flush=True,
+                )
+                with contextlib.suppress(KeyboardInterrupt):
+                    time.sleep(options.hold_s)
+            return code
         finally:
             worker.stop(timeout=30)
 

@@ -62,6 +62,15 @@ _TIER_DIRECTION = {
 }
 
 
+def _grade_direction(notification: Notification) -> str:
+    """A -> B is down, C -> B up; the grade is the staff's summary of the 8 types."""
+    before = str(notification.explanation.get("previous_grade", ""))
+    after = str(notification.explanation.get("grade", ""))
+    if not before or before == after:
+        return "same"
+    return "up" if after < before else "down"  # "A" < "B" < "C"
+
+
 @dataclass(frozen=True, slots=True)
 class RawMessage:
     topic: str
@@ -138,6 +147,9 @@ class Engine:
         version = await self.retry("snapshot", self.store.snapshot_version)
         if version and (self._snapshot is None or self._snapshot.version != version):
             self._snapshot = await self.retry("snapshot", partial(current_snapshot, self.store))
+            if self._snapshot is not None:
+                self.metrics.snapshot_version.set(self._snapshot.version)
+                self.metrics.snapshot_published.set(self._snapshot.published_at)
         return self._snapshot
 
     async def retry(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -145,8 +157,11 @@ class Engine:
         Redis is down the stream stalls (backpressure) and nothing is lost."""
         delay = 0.05
         while True:
+            started = time.perf_counter()
             try:
-                return await call()
+                result = await call()
+                self.metrics.redis_seconds.labels(operation).observe(time.perf_counter() - started)
+                return result
             except TRANSIENT as exc:
                 self.metrics.redis_retries.labels(operation).inc()
                 log.warning("redis %s failed (%s); retrying in %.2fs", operation, exc, delay)
@@ -486,6 +501,8 @@ class Engine:
             direction = _TIER_DIRECTION.get(notification.type)
             if direction is not None:
                 self.metrics.tier_transitions.labels(direction).inc()
+            elif notification.type is NotificationType.SEGMENT_CHANGED:
+                self.metrics.segment_transitions.labels(_grade_direction(notification)).inc()
         await self.retry(
             "confirm",
             partial(self.store.confirm, outcome.outbox_versions, outcome.timers, outcome.gaps),

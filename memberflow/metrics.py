@@ -108,6 +108,29 @@ class Metrics:
             registry=r,
         )
         self._customer_labels: set[tuple[str, str]] = set()
+        self.redis_seconds = Histogram(
+            "memberflow_redis_call_duration_seconds",
+            "Duration of one engine Redis step (a pipelined round trip or a few), by operation.",
+            ["operation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=r,
+        )
+        self.segment_transitions = Counter(
+            "memberflow_segment_transitions_total",
+            "RFM type changes by grade direction (up: a better grade, down, same: same grade).",
+            ["direction"],
+            registry=r,
+        )
+        self.snapshot_version = Gauge(
+            "memberflow_snapshot_version",
+            "Version of the population snapshot this worker labels customers against.",
+            registry=r,
+        )
+        self.snapshot_published = Gauge(
+            "memberflow_snapshot_published_timestamp_seconds",
+            "When that snapshot was published (its age is time() minus this).",
+            registry=r,
+        )
 
     def set_customers(self, distribution: dict[str, int]) -> None:
         """Set the customers gauge from Store.distribution() ({"tier:gold": 3, ...}). A label

@@ -93,12 +93,18 @@ def classify(values: Values, snapshot: Snapshot, policy: Policy) -> Segment:
 
 
 def explain(
-    values: Values, segment: Segment, snapshot: Snapshot, policy: Policy, previous: str | None
+    values: Values,
+    segment: Segment,
+    snapshot: Snapshot,
+    policy: Policy,
+    previous: str | None,
+    previous_grade: str | None = None,
 ) -> dict[str, Any]:
     zh, en = TYPE_NAMES[segment.rfm_type]
     return {
         "rule": f"segments.{policy.segments.method}",
         "previous_segment": previous,
+        "previous_grade": previous_grade,
         "new_segment": segment.rfm_type,
         "names": {"zh": zh, "en": en},
         "grade": segment.grade,
@@ -195,6 +201,8 @@ def reclassify(
                 f"{en} / {zh}, scores R{segment.scores[0]} F{segment.scores[1]} "
                 f"M{segment.scores[2]} against snapshot v{snapshot.version}."
             ),
-            explanation=explain(values, segment, snapshot, policy, previous=str(old[0])),
+            explanation=explain(
+                values, segment, snapshot, policy, previous=str(old[0]), previous_grade=str(old[2])
+            ),
         ),
     ), True
