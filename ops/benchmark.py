@@ -469,6 +469,7 @@ class Bench:
     dead_letter_topic: str = "bench.purchases.dlq"
     _clients: list[Any] = field(default_factory=list)
     _data_client: Any = None
+    _groups: int = 0
 
     @property
     def redis_url(self) -> str:
@@ -524,6 +525,12 @@ class Bench:
             return [node.pid for node in self.cluster.nodes]
         assert self.redis_server is not None
         return [self.redis_server.pid]
+
+    def new_group(self, label: str) -> str:
+        """A consumer group (= Faust app id) never used before in this run, so every run reads
+        the topic from the beginning (a repeat must not resume from committed offsets)."""
+        self._groups += 1
+        return f"bench-{label}-{self.run_id}-{self._groups}"
 
     def env(self, app_id: str, topic: str) -> dict[str, str]:
         """The MEMBERFLOW_* settings every consumer of a run gets (baselines read them too)."""
@@ -730,7 +737,7 @@ def run_baseline(
     bench: Bench, label: str, script: str, mode: str | None, topic: str, events: int
 ) -> dict[str, Any]:
     """Run one baseline Faust app (in --workers processes) over `topic` until `events` done."""
-    group = f"bench-{label}-{bench.run_id}"
+    group = bench.new_group(label)
     processes: list[FaustProcess] = []
     statuses: list[Path] = []
     for index in range(bench.args.workers):
@@ -833,7 +840,7 @@ def run_memberflow(
     bench.flushall()
     memory_before = bench.used_memory()
     prepared = prepare() if prepare else {}
-    group = f"bench-{label}-{bench.run_id}"
+    group = bench.new_group(label)
     workers = [
         WorkerProcess(
             bench.env(group, topic), workdir=bench.tmp / f"{group}-{index}", name=f"worker{index}"

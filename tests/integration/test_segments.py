@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import redis
 
-from memberflow.services import LocalBroker, LocalRedis
+from memberflow.services import LocalBroker, LocalRedis, free_port
 from memberflow.synthetic import generate_history, write_csv
 from tests.integration.conftest import run_cli, worker_env
+from tests.oracle import batch_export
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +86,7 @@ def test_two_workers_label_customers_as_a_batch_computation_would(
     )
     workers = [
         make_worker({**env, "MEMBERFLOW_WEB_PORT": str(port)}, name=f"w{port}")
-        for port in (int(env["MEMBERFLOW_WEB_PORT"]), int(env["MEMBERFLOW_WEB_PORT"]) + 1)
+        for port in (int(env["MEMBERFLOW_WEB_PORT"]), free_port())
     ]
     for worker in workers:
         worker.start()
@@ -157,6 +158,11 @@ def test_two_workers_label_customers_as_a_batch_computation_would(
     }
     wrong = [cid for cid in expected if actual[cid] != expected[cid]]
     assert wrong == [], [(cid, values[cid], actual[cid], expected[cid]) for cid in wrong[:5]]
+    # Tiers too: the R/F/M oracle over the same history (downgrades out of reach here).
+    oracle = batch_export(rows, as_of=datetime.fromtimestamp(end, UTC))
+    assert {d["customer_id"]: d["tier"] for d in docs} == {
+        cid: doc["tier"] for cid, doc in oracle.items()
+    }
     types = Counter(label["rfm_type"] for label in actual.values())
     assert len(types) >= 5, types  # the synthetic shop spreads over most types
 
