@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     broker_session_timeout_s: float = Field(10.0, gt=0, description="Consumer session timeout.")
     broker_rebalance_timeout_s: float = Field(10.0, gt=0, description="Group rebalance timeout.")
     broker_heartbeat_interval_s: float = Field(1.0, gt=0, description="Heartbeat interval.")
+    broker_fetch_max_wait_ms: int = Field(
+        100,
+        ge=1,
+        le=30000,
+        description="Longest a fetch waits for data (Faust hard-codes 1500 ms; brokers that "
+        "answer only when it runs out, like the embedded one, then add that to every event).",
+    )
     redis_retry_max_backoff_s: float = Field(
         5.0, gt=0, description="Cap of the backoff while Redis is unreachable (retries forever)."
     )

@@ -47,7 +47,19 @@ earlier purchase each, written in the store's own format), so the 1M run really 
 keyspace of 1M customers instead of the ~N customers that N events can create.
 
 ``--profile`` adds one more memberflow run under ``py-spy record`` (not the measured run) and
-reports the top frames. Results are printed as tables and written as JSON.
+reports the top frames. Results are printed as tables and written as JSON, with the CPU used by
+everything else on the machine during each run ("cpu other": these machines are shared and
+noisy; compare ratios within one run, and use ``--repeat``).
+
+Experiments (recorded in the JSON and the report header, never the default):
+``--fetch-max-wait-ms N`` sets the fetch max wait of every Faust consumer of the run (Faust
+hard-codes 1500 ms and Tansu holds a fetch that long when it finds no data, which dominates
+latency); ``--worker-env MEMBERFLOW_X=V`` passes one more setting to every consumer.
+To measure a private copy of the code, copy the tree and run its ops/benchmark.py: the
+consumers import the tree the script lives in.
+
+Example: ``python ops/benchmark.py --quick`` (a few minutes), ``python ops/benchmark.py
+--profile --customers-sweep 10k,100k,1M`` (the full issue-7 run, about 45 minutes here).
 """
 
 from __future__ import annotations
