@@ -10,6 +10,7 @@ exact, not sketched).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -70,11 +71,16 @@ def _batch(values: dict[str, tuple[int, int, int]]) -> tuple[dict[str, Any], dic
     return {"means": means, "cuts": cuts}, labels
 
 
-@pytest.mark.timeout(420)
+# CI replays a 400-customer shop; MF_SEGMENT_CUSTOMERS=20000 runs the same check at the size
+# issue 4 asks for (a few minutes on two cores).
+CUSTOMERS = int(os.environ.get("MF_SEGMENT_CUSTOMERS", "400"))
+
+
+@pytest.mark.timeout(420 + CUSTOMERS // 20)
 def test_two_workers_label_customers_as_a_batch_computation_would(
     tmp_path: Path, broker: LocalBroker, redis_server: LocalRedis, make_worker: Any
 ) -> None:
-    rows = generate_history(customers=400, start=datetime(2025, 3, 1, tzinfo=UTC), days=400)
+    rows = generate_history(customers=CUSTOMERS, start=datetime(2025, 3, 1, tzinfo=UTC), days=400)
     write_csv(rows, tmp_path / "history.csv")
     env = worker_env(
         broker,
@@ -91,7 +97,7 @@ def test_two_workers_label_customers_as_a_batch_computation_would(
     for worker in workers:
         worker.start()
     assert run_cli(env, "replay", "--quiet", str(tmp_path / "history.csv")).returncode == 0
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 180 + len(rows) / 500
     while sum(w.events_seen() for w in workers) < len(rows):
         assert time.monotonic() < deadline, "workers did not process the replay"
         time.sleep(0.5)
@@ -108,7 +114,7 @@ def test_two_workers_label_customers_as_a_batch_computation_would(
         return all(c is not None and int(c) >= end for c in clocks) and due == 0
 
     def wait_settled() -> None:
-        limit = time.monotonic() + 120
+        limit = time.monotonic() + 120 + CUSTOMERS / 50
         while not settled():
             if time.monotonic() > limit:
                 detail = {
@@ -134,7 +140,7 @@ def test_two_workers_label_customers_as_a_batch_computation_would(
     exported = run_cli(env, "export", "--as-of", as_of)
     assert exported.returncode == 0, exported.stderr
     docs = [json.loads(line) for line in exported.stdout.splitlines()]
-    assert len(docs) == 400
+    assert len(docs) == CUSTOMERS
     values = {
         d["customer_id"]: (
             _epoch(d["last_purchase_at"]),
@@ -144,7 +150,7 @@ def test_two_workers_label_customers_as_a_batch_computation_would(
         for d in docs
     }
     stats, expected = _batch(values)
-    assert snapshot["customers"] == 400
+    assert snapshot["customers"] == CUSTOMERS
     assert snapshot["cuts"] == {d: list(c) for d, c in stats["cuts"].items()}
     for d in "rfm":
         assert snapshot["means"][d] == pytest.approx(stats["means"][d], rel=1e-12)
