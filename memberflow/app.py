@@ -78,8 +78,9 @@ def _set_fetch_max_wait(milliseconds: int) -> None:
     thread._create_worker_consumer = create  # type: ignore[method-assign]
 
 
-def create_app(runtime: Runtime) -> faust.App:
-    settings = runtime.settings
+def faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
+    """The Faust app with memberflow's broker, consumer and web settings (also what
+    ops/benchmark.py measures its baselines with, so every run has the same consumer)."""
     _set_fetch_max_wait(settings.broker_fetch_max_wait_ms)
     broker_credentials = None
     if settings.broker_username and settings.broker_password:
@@ -87,8 +88,8 @@ def create_app(runtime: Runtime) -> faust.App:
             username=settings.broker_username,
             password=settings.broker_password.get_secret_value(),
         )
-    app = faust.App(
-        settings.app_id,
+    return faust.App(
+        app_id or settings.app_id,
         broker=settings.broker_url,
         broker_credentials=broker_credentials,
         web_host=settings.web_host,
@@ -107,6 +108,10 @@ def create_app(runtime: Runtime) -> faust.App:
         store="memory://",
         autodiscover=False,
     )
+
+
+def create_app(runtime: Runtime) -> faust.App:
+    app = faust_app(runtime.settings)
     app.memberflow = runtime  # type: ignore[attr-defined]
 
     from agents.purchases import register  # agents depend on the app, not the other way

@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import faust
 
+from memberflow.app import faust_app
 from memberflow.settings import Settings
 
 
@@ -60,25 +61,8 @@ class Progress:
 
 
 def make_app(settings: Settings, name_suffix: str = "") -> faust.App:
-    """A faust.App configured exactly like memberflow/app.py's create_app (minus SASL)."""
-    return faust.App(
-        settings.app_id + name_suffix,
-        broker=settings.broker_url,
-        web_host=settings.web_host,
-        web_port=settings.web_port,
-        web_bind=settings.web_host,
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication_factor,
-        broker_session_timeout=settings.broker_session_timeout_s,
-        broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
-        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-        key_serializer="raw",
-        value_serializer="raw",
-        store="memory://",
-        autodiscover=False,
-    )
+    """A faust.App configured exactly like the memberflow worker's (memberflow.app.faust_app)."""
+    return faust_app(settings, settings.app_id + name_suffix)
 
 
 def purchases_topic(app: faust.App, settings: Settings) -> Any:
