@@ -30,7 +30,15 @@ from rules.customer import CustomerState, apply, epoch, evaluate_tier, evaluatio
 from rules.policy import Policy
 from rules.segments import Snapshot, reclassify
 from rules.timeline import Timer, advance, learned_interval, next_due
-from state.store import Contribution, Store, Stored, TimerEntry, Write
+from state.store import (
+    Contribution,
+    GapSample,
+    PendingGaps,
+    Store,
+    Stored,
+    TimerEntry,
+    Write,
+)
 from streams.codec import decode_event
 from streams.events import (
     Cause,
@@ -87,7 +95,7 @@ class BatchOutcome:
     outbox_versions: dict[str, int] = field(default_factory=dict)
     timers: dict[str, TimerEntry] = field(default_factory=dict)  # exact next due, per customer
     contributions: list[Contribution] = field(default_factory=list)  # population statistics
-    gaps: list[tuple[str, int]] = field(default_factory=list)
+    gaps: dict[str, PendingGaps] = field(default_factory=dict)  # per customer, to count
     applied: int = 0
     duplicates: int = 0
     timers_fired: int = 0
@@ -303,12 +311,16 @@ class Engine:
 
     def _prepare_write(self, fold: _Fold, notifications: list[Notification], changed: bool) -> None:
         if changed and fold.state is not None:
+            # Gap samples go into the record with the state that revealed them (the version
+            # this write creates), so a crash before confirm() cannot lose them.
+            version = fold.stored.version + 1
             fold.write = Write(
                 customer_id=fold.stored.customer_id,
                 expected_version=fold.stored.version,
                 state=fold.state,
                 outbox=tuple(fold.stored.outbox) + tuple(notifications),
                 timer=TimerEntry(fold.shard, next_due(fold.state, self.policy, self._learned)),
+                gaps=fold.stored.gaps + tuple(GapSample(c, d, version) for c, d in fold.gaps),
             )
 
     async def _run(
@@ -334,6 +346,8 @@ class Engine:
                     if f.stored.outbox:  # left unsent by a crash: send it now
                         outcome.notifications.extend(f.stored.outbox)
                         outcome.outbox_versions[customer_id] = f.stored.version
+                    if f.stored.gaps:  # left uncounted by a crash: count them now
+                        outcome.gaps[customer_id] = PendingGaps(f.stored.version, f.stored.gaps)
                     version = f.stored.version
                 elif (written := versions[customer_id]) is None:
                     self.metrics.version_conflicts.inc()
@@ -344,6 +358,8 @@ class Engine:
                     outcome.notifications.extend(f.write.outbox)
                     if f.write.outbox:
                         outcome.outbox_versions[customer_id] = version
+                    if f.write.gaps:
+                        outcome.gaps[customer_id] = PendingGaps(version, f.write.gaps)
                 self._settle(outcome, customer_id, f, newest, version)
             pending = conflicted
         if pending:
@@ -362,7 +378,6 @@ class Engine:
         """Count a fold that stands (a conflicted one is redone, so counted only once)."""
         outcome.applied += f.applied
         outcome.duplicates += f.duplicates
-        outcome.gaps.extend(f.gaps)
         outcome.timers_fired += len(f.fired)
         for timer in f.fired:
             self.metrics.timer_lateness.observe(max(0, f.fired_at - timer.due))

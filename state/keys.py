@@ -43,6 +43,13 @@ def gap_histogram(category: str) -> str:
     return f"{PREFIX}:{{g:{category}}}:gaps"
 
 
+def gap_counted(category: str) -> str:
+    """Hash customer_id -> newest state version whose gap samples the histogram counted (same
+    slot as the histogram), so re-counting after a crash is harmless. One field per customer
+    who ever repurchased in a learning category: bounded by the customers."""
+    return f"{PREFIX}:{{g:{category}}}:counted"
+
+
 def stats(shard: int, part: str) -> str:
     """Population statistics of one stats shard (customers spread by crc32 of their id), so no
     single key sees every event: `r`, `f`, `m` sorted sets customer -> value, `meta` hash

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from rules.customer import CustomerState
-from state.store import Contribution, Stored, TimerEntry, Write
+from state.store import Contribution, GapSample, PendingGaps, Stored, TimerEntry, Write
 from streams.events import Notification
 
 
 class MemoryStore:
     def __init__(self) -> None:
         # Serialised like Redis, so a test cannot pass by sharing mutable objects.
-        self._rows: dict[str, tuple[int, str, tuple[Notification, ...]]] = {}
+        self._rows: dict[str, tuple[int, str, tuple[Notification, ...], tuple[GapSample, ...]]] = {}
         self._clocks: dict[int | None, int] = {}
         self.timers: dict[int, dict[str, int]] = {}
         self.gaps: dict[str, dict[int, int]] = {}
+        self.gaps_counted: dict[tuple[str, str], int] = {}  # (category, customer) -> version
         self.contributions: dict[str, Contribution] = {}
         self._snapshot: tuple[int, str] | None = None
         self._policy_version: str | None = None
@@ -27,7 +28,7 @@ class MemoryStore:
             if row is None:
                 out[cid] = Stored(cid, 0, None)
             else:
-                out[cid] = Stored(cid, row[0], CustomerState.from_json(row[1]), row[2])
+                out[cid] = Stored(cid, row[0], CustomerState.from_json(row[1]), row[2], row[3])
         return out
 
     async def save(self, writes: Sequence[Write]) -> dict[str, int | None]:
@@ -36,11 +37,16 @@ class MemoryStore:
             if w.timer is not None and w.timer.due is not None:
                 index = self.timers.setdefault(w.timer.shard, {})
                 index[w.customer_id] = min(index.get(w.customer_id, w.timer.due), w.timer.due)
-            current = self._rows.get(w.customer_id, (0, "", ()))[0]
+            current = self._rows[w.customer_id][0] if w.customer_id in self._rows else 0
             if current != w.expected_version:
                 results[w.customer_id] = None
                 continue
-            self._rows[w.customer_id] = (current + 1, w.state.to_json(), tuple(w.outbox))
+            self._rows[w.customer_id] = (
+                current + 1,
+                w.state.to_json(),
+                tuple(w.outbox),
+                tuple(w.gaps),
+            )
             results[w.customer_id] = current + 1
         return results
 
@@ -48,18 +54,28 @@ class MemoryStore:
         self,
         versions: dict[str, int],
         timers: dict[str, TimerEntry],
-        gaps: Sequence[tuple[str, int]] = (),
+        gaps: Mapping[str, PendingGaps] | None = None,
     ) -> None:
-        for cid, version in versions.items():
+        # The Redis store's COUNT_GAPS_LUA: each (customer, category, version) counted once.
+        groups: dict[tuple[str, str, int], list[int]] = {}
+        for cid, pending in (gaps or {}).items():
+            for sample in sorted(pending.samples, key=lambda g: g.version):
+                groups.setdefault((cid, sample.category, sample.version), []).append(sample.days)
+        for (cid, category, version), days in groups.items():
+            if version <= self.gaps_counted.get((category, cid), 0):
+                continue
+            histogram = self.gaps.setdefault(category, {})
+            for day in days:
+                histogram[day] = histogram.get(day, 0) + 1
+            self.gaps_counted[(category, cid)] = version
+        clear = {**versions, **{cid: entry.version for cid, entry in (gaps or {}).items()}}
+        for cid, version in clear.items():
             row = self._rows.get(cid)
             if row is not None and row[0] == version:
-                self._rows[cid] = (row[0], row[1], ())
+                self._rows[cid] = (row[0], row[1], (), ())
         for cid, entry in timers.items():
             if entry.due is not None:
                 self.timers.setdefault(entry.shard, {})[cid] = entry.due
-        for category, days in gaps:
-            histogram = self.gaps.setdefault(category, {})
-            histogram[days] = histogram.get(days, 0) + 1
 
     async def advance_clock(self, seconds: int, shard: int | None = None) -> int:
         self._clocks[shard] = max(self._clocks.get(shard, 0), seconds)

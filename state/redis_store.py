@@ -12,7 +12,7 @@ import hashlib
 import inspect
 import json
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -21,10 +21,11 @@ from redis.exceptions import ClusterDownError, NoScriptError
 
 from rules.customer import CustomerState
 from state import keys
-from state.store import Contribution, Stored, TimerEntry, Write
+from state.store import Contribution, GapSample, PendingGaps, Stored, TimerEntry, Write
 from streams.events import Notification
 
-# KEYS[1] customer hash; ARGV[1] expected version; ARGV[2] state JSON; ARGV[3] outbox JSON or ''.
+# KEYS[1] customer hash; ARGV[1] expected version; ARGV[2] state JSON; ARGV[3] outbox JSON or '';
+# ARGV[4] pending gap samples JSON or ''.
 SAVE_LUA = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if current ~= tonumber(ARGV[1]) then return -1 end
@@ -35,15 +36,31 @@ if ARGV[3] == '' then
 else
   redis.call('HSET', KEYS[1], 'o', ARGV[3])
 end
+if ARGV[4] == '' then
+  redis.call('HDEL', KEYS[1], 'g')
+else
+  redis.call('HSET', KEYS[1], 'g', ARGV[4])
+end
 return nextv
 """
 
-# KEYS[1] customer hash; ARGV[1] version whose outbox has been produced.
+# KEYS[1] customer hash; ARGV[1] version whose outbox was produced and gap samples counted.
 CLEAR_OUTBOX_LUA = """
 if tonumber(redis.call('HGET', KEYS[1], 'v') or '0') == tonumber(ARGV[1]) then
-  return redis.call('HDEL', KEYS[1], 'o')
+  return redis.call('HDEL', KEYS[1], 'o', 'g')
 end
 return 0
+"""
+
+# KEYS[1] a category's gap histogram, KEYS[2] its counted-versions hash (same slot);
+# ARGV[1] customer, ARGV[2] sample version, ARGV[3..] gap days. Counts each version once.
+COUNT_GAPS_LUA = """
+local counted = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+local version = tonumber(ARGV[2])
+if version <= counted then return 0 end
+for i = 3, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
 """
 
 # KEYS[1] clock key; ARGV[1] candidate. Monotone max, so workers never move it backwards.
@@ -157,14 +174,44 @@ def _expand(writes: Sequence[Write]) -> list[Write | None]:
     return out
 
 
+def _gaps_json(gaps: Sequence[GapSample]) -> str:
+    if not gaps:
+        return ""
+    return json.dumps([[g.category, g.days, g.version] for g in gaps], separators=(",", ":"))
+
+
+def _gaps_from(raw: bytes | None) -> tuple[GapSample, ...]:
+    if not raw:
+        return ()
+    return tuple(GapSample(str(c), int(d), int(v)) for c, d, v in json.loads(raw))
+
+
 def _stored(customer_id: str, fields: Sequence[bytes | None]) -> Stored:
-    version, state, outbox = fields
+    version, state, outbox, gaps = fields
     return Stored(
         customer_id=customer_id,
         version=int(version or 0),
         state=CustomerState.from_json(state) if state else None,
         outbox=_outbox_from(outbox),
+        gaps=_gaps_from(gaps),
     )
+
+
+def gap_calls(pending: Mapping[str, PendingGaps]) -> list[tuple[list[str], list[Any]]]:
+    """COUNT_GAPS_LUA calls: one per customer, category and sample version, oldest first."""
+    grouped: dict[tuple[str, str, int], list[int]] = {}
+    for customer_id, entry in pending.items():
+        for sample in sorted(entry.samples, key=lambda g: g.version):
+            grouped.setdefault((customer_id, sample.category, sample.version), []).append(
+                sample.days
+            )
+    return [
+        (
+            [keys.gap_histogram(category), keys.gap_counted(category)],
+            [customer_id, version, *days],
+        )
+        for (customer_id, category, version), days in grouped.items()
+    ]
 
 
 def stats_shard(customer_id: str, shards: int) -> int:
@@ -259,7 +306,7 @@ class RedisStore:
     async def load(self, customer_ids: Sequence[str]) -> dict[str, Stored]:
         pipe = self.client.pipeline(transaction=False)
         for customer_id in customer_ids:
-            pipe.hmget(keys.customer(customer_id), "v", "s", "o")
+            pipe.hmget(keys.customer(customer_id), "v", "s", "o", "g")
         rows = await pipe.execute()
         return {cid: _stored(cid, row) for cid, row in zip(customer_ids, rows, strict=True)}
 
@@ -270,7 +317,12 @@ class RedisStore:
         calls = [
             (
                 [keys.customer(w.customer_id)],
-                (w.expected_version, w.state.to_json(), _outbox_json(w.outbox)),
+                (
+                    w.expected_version,
+                    w.state.to_json(),
+                    _outbox_json(w.outbox),
+                    _gaps_json(w.gaps),
+                ),
             )
             for w in writes
         ]
@@ -319,21 +371,24 @@ class RedisStore:
         self,
         versions: dict[str, int],
         timers: dict[str, TimerEntry],
-        gaps: Sequence[tuple[str, int]] = (),
+        gaps: Mapping[str, PendingGaps] | None = None,
     ) -> None:
-        if versions:
+        if gaps:
+            # Counted before the records are cleared: a crash in between re-counts nothing
+            # (the histogram remembers the versions it counted), a crash before loses nothing.
+            await self._eval_many(COUNT_GAPS_LUA, gap_calls(gaps))
+        clear = {**versions, **{cid: entry.version for cid, entry in (gaps or {}).items()}}
+        if clear:
             await self._run_scripts(
                 CLEAR_OUTBOX_LUA,
-                [(keys.customer(cid), (version,)) for cid, version in versions.items()],
+                [(keys.customer(cid), (version,)) for cid, version in clear.items()],
             )
-        if not (timers or gaps):
+        if not any(entry.due is not None for entry in timers.values()):
             return
         pipe = self.client.pipeline(transaction=False)
         for customer_id, entry in timers.items():
             if entry.due is not None:
                 pipe.zadd(keys.timer_index(entry.shard), {customer_id: entry.due})
-        for category, days in gaps:
-            pipe.hincrby(keys.gap_histogram(category), str(days), 1)
         await pipe.execute()
 
     async def advance_clock(self, seconds: int, shard: int | None = None) -> int:

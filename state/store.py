@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,6 +18,29 @@ class Stored:
     version: int
     state: CustomerState | None
     outbox: tuple[Notification, ...] = ()
+    gaps: tuple[GapSample, ...] = ()  # recorded with the state, not yet in the histograms
+
+
+@dataclass(frozen=True, slots=True)
+class GapSample:
+    """One observed repurchase gap, kept in the customer's record (written atomically with the
+    state that revealed it) until confirm() has added it to its category's histogram.
+
+    `version` is the state version that first recorded it. A histogram remembers per customer
+    the newest version it has counted, so adding the samples again after a crash between the
+    histogram update and clearing the record counts nothing twice."""
+
+    category: str
+    days: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingGaps:
+    """A customer's gap samples to count, and the state version whose record holds them."""
+
+    version: int
+    samples: tuple[GapSample, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +63,7 @@ class Write:
     state: CustomerState
     outbox: tuple[Notification, ...] = field(default=())
     timer: TimerEntry | None = None
+    gaps: tuple[GapSample, ...] = field(default=())
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +94,11 @@ class Store(Protocol):
         self,
         versions: dict[str, int],
         timers: dict[str, TimerEntry],
-        gaps: Sequence[tuple[str, int]] = (),
+        gaps: Mapping[str, PendingGaps] | None = None,
     ) -> None:
-        """After the outputs were produced: drop the outbox of each customer still at the given
-        version, set each customer's exact next due time in the index, record gap samples."""
+        """After the outputs were produced: count each customer's pending gap samples (once per
+        sample version), drop the outbox and the gap samples of each customer still at the
+        given version, set each customer's exact next due time in the index."""
         ...
 
     async def advance_clock(self, seconds: int, shard: int | None = None) -> int:

@@ -23,7 +23,7 @@ from memberflow.services import LocalRedis
 from rules.segments import Values, batch_snapshot
 from state.memory_store import MemoryStore
 from state.redis_store import RedisStore, connect, stats_shard
-from state.store import Contribution, Store, TimerEntry
+from state.store import Contribution, GapSample, PendingGaps, Store, TimerEntry, Write
 
 SHARDS = 5
 StoreFactory = Callable[[], Store]
@@ -376,5 +376,40 @@ def test_compute_snapshot_equals_a_batch_snapshot_of_the_latest_contributions(
 def test_compute_snapshot_of_an_empty_store(make_store: StoreFactory) -> None:
     async def body(store: Store) -> None:
         assert await compute_snapshot(store, version=1, published_at=0) is None
+
+    run(make_store, body)
+
+
+def test_gap_samples_wait_in_the_record_and_are_counted_once(make_store: StoreFactory) -> None:
+    """Gap samples are written with the state (so a crash before confirm loses none) and
+    counted once per version, however often confirm repeats (a crash after counting, before
+    the record was cleared, repeats it)."""
+    from rules.customer import CustomerState
+
+    state = CustomerState(customer_id="c1", tier="member")
+
+    async def body(store: Store) -> None:
+        first = (GapSample("formula", 14, 1), GapSample("formula", 20, 1))
+        assert await store.save([Write("c1", 0, state, gaps=first)]) == {"c1": 1}
+        assert (await store.load(["c1"]))["c1"].gaps == first
+        assert await store.gap_histograms(["formula"]) == {"formula": {}}
+
+        pending = {"c1": PendingGaps(1, first)}
+        await store.confirm({}, {}, pending)
+        await store.confirm({}, {}, pending)  # repeated: nothing counted twice
+        assert await store.gap_histograms(["formula"]) == {"formula": {14: 1, 20: 1}}
+        assert (await store.load(["c1"]))["c1"].gaps == ()
+
+        # Version 2 written while version 1's samples were still pending (confirm crashed
+        # after counting them): the record carries both; only version 2's are new.
+        assert await store.save([Write("c1", 1, state, gaps=first)]) == {"c1": 2}
+        both = (*first, GapSample("formula", 14, 3), GapSample("toys", 30, 3))
+        assert await store.save([Write("c1", 2, state, gaps=both)]) == {"c1": 3}
+        await store.confirm({}, {}, {"c1": PendingGaps(3, both)})
+        assert await store.gap_histograms(["formula", "toys"]) == {
+            "formula": {14: 2, 20: 1},
+            "toys": {30: 1},
+        }
+        assert (await store.load(["c1"]))["c1"].gaps == ()
 
     run(make_store, body)

@@ -293,11 +293,5 @@ def test_every_crash_point_ends_where_the_run_without_crash_ends(
     assert enumeration.resent > 0, "no crash point re-sent an outbox: the protocol went untested"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="repurchase gap samples are recorded by confirm(), outside the compare-and-set "
-    "step: after a crash between save and confirm the redelivered events are duplicates, "
-    "which yield no gaps, so those samples are lost",
-)
 def test_every_crash_point_records_the_same_repurchase_gaps(enumeration: Enumeration) -> None:
     assert not enumeration.gap_losses, "\n".join(enumeration.gap_losses)
