@@ -13,7 +13,7 @@ import inspect
 import json
 import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -62,6 +62,57 @@ for i = 3, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
+
+# One Redis (not a Cluster): the same steps for a whole batch in one script call, because
+# redis-py's cost per command (packing, parsing, awaiting) was the largest part of a worker's
+# CPU with one script per customer (ops/benchmark.py profile). A Cluster cannot run a script
+# whose keys span slots, so it keeps the one-customer scripts above, pipelined per node.
+
+# KEYS: customer hashes. Returns {v, s, o, g} per customer.
+LOAD_MANY_LUA = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('HMGET', KEYS[i], 'v', 's', 'o', 'g') end
+return out
+"""
+
+# KEYS: per write its customer hash and its partition's timer index. ARGV: per write expected
+# version, state, outbox, gap samples, customer id, earlier due time or ''. Returns the new
+# version per write, -1 on a version conflict (the index entry only ever moves earlier).
+SAVE_MANY_LUA = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local customer, index, b = KEYS[2 * i - 1], KEYS[2 * i], (i - 1) * 6
+  if ARGV[b + 6] ~= '' then redis.call('ZADD', index, 'LT', ARGV[b + 6], ARGV[b + 5]) end
+  local current = tonumber(redis.call('HGET', customer, 'v') or '0')
+  if current ~= tonumber(ARGV[b + 1]) then
+    out[i] = -1
+  else
+    out[i] = current + 1
+    redis.call('HSET', customer, 'v', current + 1, 's', ARGV[b + 2])
+    if ARGV[b + 3] == '' then redis.call('HDEL', customer, 'o')
+    else redis.call('HSET', customer, 'o', ARGV[b + 3]) end
+    if ARGV[b + 4] == '' then redis.call('HDEL', customer, 'g')
+    else redis.call('HSET', customer, 'g', ARGV[b + 4]) end
+  end
+end
+return out
+"""
+
+# KEYS: per customer its hash and its partition's timer index. ARGV: per customer its id, the
+# version whose outbox was produced and gap samples counted (or ''), its exact next due time
+# (or ''). CLEAR_OUTBOX_LUA and an exact ZADD for each.
+CONFIRM_MANY_LUA = """
+for i = 1, #KEYS / 2 do
+  local customer, index, b = KEYS[2 * i - 1], KEYS[2 * i], (i - 1) * 3
+  if ARGV[b + 2] ~= '' and
+     tonumber(redis.call('HGET', customer, 'v') or '0') == tonumber(ARGV[b + 2]) then
+    redis.call('HDEL', customer, 'o', 'g')
+  end
+  if ARGV[b + 3] ~= '' then redis.call('ZADD', index, ARGV[b + 3], ARGV[b + 1]) end
+end
+return 0
+"""
+MANY_CHUNK = 500  # customers per script call: keeps each call's time in Redis short
 
 # KEYS[1] clock key; ARGV[1] candidate. Monotone max, so workers never move it backwards.
 ADVANCE_CLOCK_LUA = """
@@ -134,6 +185,7 @@ return 1
 """
 
 AnyRedis = Redis | RedisCluster
+T = TypeVar("T")
 
 
 def connect(url: str, cluster: bool = False, password: str | None = None) -> AnyRedis:
@@ -162,16 +214,6 @@ _REDIS_OPTIONS = frozenset(inspect.signature(Redis.__init__).parameters) - {"sel
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _expand(writes: Sequence[Write]) -> list[Write | None]:
-    """Align pipeline replies with writes: a None stands for a write's ZADD reply."""
-    out: list[Write | None] = []
-    for w in writes:
-        if w.timer is not None and w.timer.due is not None:
-            out.append(None)
-        out.append(w)
-    return out
 
 
 def _gaps_json(gaps: Sequence[GapSample]) -> str:
@@ -212,6 +254,10 @@ def gap_calls(pending: Mapping[str, PendingGaps]) -> list[tuple[list[str], list[
         )
         for (customer_id, category, version), days in grouped.items()
     ]
+
+
+def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def stats_shard(customer_id: str, shards: int) -> int:
@@ -304,6 +350,14 @@ class RedisStore:
         return await self._eval_many(body, [([key], args) for key, args in calls])
 
     async def load(self, customer_ids: Sequence[str]) -> dict[str, Stored]:
+        if not self.cluster:
+            calls = [
+                ([keys.customer(cid) for cid in chunk], ())
+                for chunk in _chunks(customer_ids, MANY_CHUNK)
+            ]
+            replies = await self._eval_many(LOAD_MANY_LUA, calls)
+            rows = [row for reply in replies for row in reply]
+            return {cid: _stored(cid, row) for cid, row in zip(customer_ids, rows, strict=True)}
         pipe = self.client.pipeline(transaction=False)
         for customer_id in customer_ids:
             pipe.hmget(keys.customer(customer_id), "v", "s", "o", "g")
@@ -350,22 +404,20 @@ class RedisStore:
     async def _save_single(
         self, writes: Sequence[Write], calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
     ) -> list[Any]:
-        """One round trip: each customer's index entry, then its state, in pipeline order."""
-        sha = await self._script_sha(SAVE_LUA)
-        for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
-            for w, (call_keys, args) in zip(writes, calls, strict=True):
-                if w.timer is not None and w.timer.due is not None:
-                    self._index_earlier(pipe, w)
-                pipe.evalsha(sha, 1, *call_keys, *args)
-            try:
-                replies = await pipe.execute()
-                break
-            except NoScriptError:
-                await self.client.script_load(SAVE_LUA)
-                if attempt == 2:
-                    raise
-        return [r for w, r in zip(_expand(writes), replies, strict=True) if w is not None]
+        """One round trip: SAVE_MANY_LUA per chunk of writes (each customer's index entry, then
+        its state, inside one script call)."""
+        many: list[tuple[list[str], list[Any]]] = []
+        for chunk in _chunks(list(zip(writes, calls, strict=True)), MANY_CHUNK):
+            chunk_keys: list[str] = []
+            chunk_args: list[Any] = []
+            for w, (call_keys, args) in chunk:
+                due = w.timer.due if w.timer is not None else None
+                shard = w.timer.shard if w.timer is not None else 0
+                chunk_keys += [call_keys[0], keys.timer_index(shard)]
+                chunk_args += [*args, w.customer_id, "" if due is None else due]
+            many.append((chunk_keys, chunk_args))
+        replies = await self._eval_many(SAVE_MANY_LUA, many)
+        return [result for reply in replies for result in reply]
 
     async def confirm(
         self,
@@ -378,6 +430,9 @@ class RedisStore:
             # (the histogram remembers the versions it counted), a crash before loses nothing.
             await self._eval_many(COUNT_GAPS_LUA, gap_calls(gaps))
         clear = {**versions, **{cid: entry.version for cid, entry in (gaps or {}).items()}}
+        if not self.cluster:
+            await self._confirm_single(clear, timers)
+            return
         if clear:
             await self._run_scripts(
                 CLEAR_OUTBOX_LUA,
@@ -390,6 +445,27 @@ class RedisStore:
             if entry.due is not None:
                 pipe.zadd(keys.timer_index(entry.shard), {customer_id: entry.due})
         await pipe.execute()
+
+    async def _confirm_single(self, clear: dict[str, int], timers: dict[str, TimerEntry]) -> None:
+        rows = [
+            (cid, clear.get(cid), timers.get(cid))
+            for cid in [*clear, *(cid for cid in timers if cid not in clear)]
+        ]
+        rows = [r for r in rows if r[1] is not None or (r[2] is not None and r[2].due is not None)]
+        calls: list[tuple[list[str], list[Any]]] = []
+        for chunk in _chunks(rows, MANY_CHUNK):
+            chunk_keys: list[str] = []
+            chunk_args: list[Any] = []
+            for cid, version, entry in chunk:
+                due = entry.due if entry is not None else None
+                chunk_keys += [keys.customer(cid), keys.timer_index(entry.shard if entry else 0)]
+                chunk_args += [
+                    cid,
+                    "" if version is None else version,
+                    "" if due is None else due,
+                ]
+            calls.append((chunk_keys, chunk_args))
+        await self._eval_many(CONFIRM_MANY_LUA, calls)
 
     async def advance_clock(self, seconds: int, shard: int | None = None) -> int:
         key = keys.event_clock() if shard is None else keys.shard_clock(shard)
