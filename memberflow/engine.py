@@ -303,7 +303,8 @@ class Engine:
                 fold.rejected.append((message, rejection))
         changed = fold.applied > 0 or bool(fold.effects)
         if changed and fold.state is not None and cause is not None:
-            fold.state = fold.state.copy()
+            # fold.state is this fold's own: apply() returned a new state for every applied
+            # event, so relabelling it in place touches nothing loaded or shared.
             notes, _ = reclassify(fold.state, self.policy, snapshot, fold.now, cause)
             notifications.extend(notes)
         self._prepare_write(fold, notifications, changed=changed)
@@ -384,9 +385,12 @@ class Engine:
         if f.state is not None:
             # Also for folds that wrote nothing (all duplicates): repairs the index and the
             # population statistics after a crash between the state write and confirm().
-            outcome.timers[customer_id] = TimerEntry(
-                f.shard, next_due(f.state, self.policy, self._learned)
+            due = (
+                f.write.timer.due
+                if f.write is not None and f.write.timer is not None
+                else next_due(f.state, self.policy, self._learned)
             )
+            outcome.timers[customer_id] = TimerEntry(f.shard, due)
             contribution = self._contribution(f.state, version, f.shard, f.now)
             if contribution is not None:
                 outcome.contributions.append(contribution)
@@ -456,7 +460,9 @@ class Engine:
                 vanished.append(stored.customer_id)
                 return f
             moved = advance(stored.state, self.policy, until, learned)
-            f.state, f.effects, f.fired = moved.state.copy(), list(moved.effects), list(moved.fired)
+            # Relabelled in place below: either advance()'s own copy or the state just loaded
+            # for this fold (a conflict reloads it), so nothing shared changes.
+            f.state, f.effects, f.fired = moved.state, list(moved.effects), list(moved.fired)
             f.fired_at = until
             if moved.fired:
                 cause = Cause(kind="timer", id=f"{moved.fired[-1].key}@{moved.fired[-1].anchor}")

@@ -8,12 +8,13 @@ event id is remembered (for `input.max_event_age_days`, beyond which events are 
 from __future__ import annotations
 
 import hashlib
-import json
 from base64 import urlsafe_b64encode
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+
+from pydantic_core import from_json, to_json
 
 from rules.money import format_minor, minor, to_minor
 from rules.names import TYPE_NAMES
@@ -68,6 +69,10 @@ def event_key(event_id: str) -> str:
 
 @dataclass(slots=True)
 class CustomerState:
+    """A customer's state. The lists held in its dicts are never changed in place (a change
+    replaces the list), so copy() copies the dicts and shares the lists: it runs several
+    times per event."""
+
     customer_id: str
     first_purchase_at: int | None = None  # epoch seconds, event time
     last_purchase_at: int | None = None
@@ -103,20 +108,21 @@ class CustomerState:
             latest_event_at=self.latest_event_at,
             lifetime_orders=self.lifetime_orders,
             lifetime_spend=self.lifetime_spend,
-            buckets={day: list(v) for day, v in self.buckets.items()},
-            categories={cat: list(v) for cat, v in self.categories.items()},
-            seen={key: list(v) for key, v in self.seen.items()},
+            # Shallow: the lists inside these dicts are replaced, never changed in place.
+            buckets=dict(self.buckets),
+            categories=dict(self.categories),
+            seen=dict(self.seen),
             tier=self.tier,
             tier_since=self.tier_since,
             stage=self.stage,
             stage_since=self.stage_since,
             reminded=dict(self.reminded),
-            deferred={key: list(v) for key, v in self.deferred.items()},
+            deferred=dict(self.deferred),
             marketing_sent=list(self.marketing_sent),
             win_back_for=self.win_back_for,
             below_since=self.below_since,
             warned_for=self.warned_for,
-            segment=list(self.segment) if self.segment is not None else None,
+            segment=self.segment,  # replaced whole by reclassify()
         )
 
     def window(self, now: int, window_days: int) -> tuple[int, int]:
@@ -156,11 +162,14 @@ class CustomerState:
             "sg": self.segment,
             "wf": self.warned_for,
         }
-        return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+        # pydantic-core's encoder (Rust): 5x json.dumps here, and this runs for every customer
+        # a batch touches. Key order is insertion order: equal states parse equal, the text
+        # need not be byte-identical.
+        return to_json(doc).decode()
 
     @classmethod
     def from_json(cls, text: str | bytes) -> CustomerState:
-        doc = json.loads(text)
+        doc = from_json(text)
         if doc.get("f") != STATE_FORMAT:
             raise ValueError(f"unknown customer state format {doc.get('f')!r}")
         return cls(
@@ -283,16 +292,14 @@ def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: i
     new.latest_event_at = max(new.latest_event_at or occurred, occurred)
     new.lifetime_orders += 1
     new.lifetime_spend += amount
-    bucket = new.buckets.setdefault(day, [0, 0])
-    bucket[0] += 1
-    bucket[1] += amount
+    orders, spend = new.buckets.get(day, (0, 0))
+    new.buckets[day] = [orders + 1, spend + amount]
     for category in event.categories():
         entry = new.categories.get(category)
         if entry is None:
             new.categories[category] = [occurred, 1]
         else:
-            entry[0] = max(entry[0], occurred)
-            entry[1] += 1
+            new.categories[category] = [max(entry[0], occurred), entry[1] + 1]
     expire(new, policy, now)
     effects = _settle_superseded(current, new, event.categories(), policy)
     notifications = evaluate_tier(new, policy, now, _event_cause(event))
@@ -452,7 +459,12 @@ def _apply_refund(
     new = current.copy()
     occurred = epoch(event.occurred_at)
     new.seen[key] = [_REFUND, day, amount, 0]
-    new.seen[event_key(event.refund_of)][3] = refunded + amount
+    new.seen[event_key(event.refund_of)] = [
+        _PURCHASE,
+        purchase_day,
+        purchase_amount,
+        refunded + amount,
+    ]
     new.latest_event_at = max(new.latest_event_at or occurred, occurred)
     # A whole order returned no longer counts as an order (F drops); a partial refund only
     # lowers M. The purchase stays the customer's latest visit for recency.
@@ -462,8 +474,7 @@ def _apply_refund(
     new.lifetime_orders -= 1 if whole else 0
     bucket = new.buckets.get(purchase_day)
     if bucket is not None:
-        bucket[1] -= amount
-        bucket[0] -= 1 if whole else 0
+        new.buckets[purchase_day] = [bucket[0] - (1 if whole else 0), bucket[1] - amount]
     expire(new, policy, now)
     # A refund never downgrades at once: it may start the grace period (tier_changes policy).
     return Decision(new, notifications=evaluate_tier(new, policy, now, _event_cause(event)))

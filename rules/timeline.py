@@ -70,8 +70,13 @@ def interval_for(category: str, policy: Policy, learned: dict[str, int]) -> tupl
 
 
 def pending_timers(
-    state: CustomerState, policy: Policy, learned: dict[str, int] | None = None
+    state: CustomerState,
+    policy: Policy,
+    learned: dict[str, int] | None = None,
+    describe: bool = True,
 ) -> list[Timer]:
+    """The customer's timers, earliest first. `describe=False` leaves `reason` empty: the hot
+    path (next due time, firing) asks several times per event and never shows it."""
     learned = learned or {}
     timers: list[Timer] = []
     if state.buckets:
@@ -81,7 +86,9 @@ def pending_timers(
                 "window_expiry",
                 "window",
                 (oldest + policy.window_days) * DAY,
-                f"purchases of {_date(oldest * DAY)} leave the {policy.window_days}-day window",
+                f"purchases of {_date(oldest * DAY)} leave the {policy.window_days}-day window"
+                if describe
+                else "",
                 oldest,
             )
         )
@@ -95,8 +102,9 @@ def pending_timers(
                     "tier",
                     "tier_warning",
                     max(warn_at, state.below_since),
-                    f"{state.tier} downgrade warning, "
-                    f"{policy.tier_changes.warning_days} days ahead",
+                    f"{state.tier} downgrade warning, {policy.tier_changes.warning_days} days ahead"
+                    if describe
+                    else "",
                     state.below_since,
                 )
             )
@@ -106,7 +114,9 @@ def pending_timers(
                 "tier_downgrade",
                 downgrade_at,
                 f"below {state.tier}'s entry rule since {iso(state.below_since)}: downgrade after "
-                f"{policy.tier_changes.grace_days} days of grace",
+                f"{policy.tier_changes.grace_days} days of grace"
+                if describe
+                else "",
                 state.below_since,
             )
         )
@@ -120,7 +130,9 @@ def pending_timers(
                     "lifecycle",
                     "at_risk",
                     last + cycle.at_risk_after_days * DAY,
-                    f"at risk after {cycle.at_risk_after_days} days without a purchase",
+                    f"at risk after {cycle.at_risk_after_days} days without a purchase"
+                    if describe
+                    else "",
                     last,
                 )
             )
@@ -130,7 +142,9 @@ def pending_timers(
                     "lifecycle",
                     "churned",
                     last + cycle.churned_after_days * DAY,
-                    f"churned after {cycle.churned_after_days} days without a purchase",
+                    f"churned after {cycle.churned_after_days} days without a purchase"
+                    if describe
+                    else "",
                     last,
                 )
             )
@@ -144,7 +158,9 @@ def pending_timers(
                     "win_back",
                     "win_back",
                     due,
-                    f"win-back offer after {policy.win_back.after_days} days without a purchase",
+                    f"win-back offer after {policy.win_back.after_days} days without a purchase"
+                    if describe
+                    else "",
                     last,
                 )
             )
@@ -163,7 +179,9 @@ def pending_timers(
                 f"reminder:{category}",
                 due,
                 f"{category} is rebought every {interval} days ({source}): remind "
-                f"{rule.lead_days} days before",
+                f"{rule.lead_days} days before"
+                if describe
+                else "",
                 bought_at,
             )
         )
@@ -175,7 +193,7 @@ def pending_timers(
 def next_due(
     state: CustomerState, policy: Policy, learned: dict[str, int] | None = None
 ) -> int | None:
-    timers = pending_timers(state, policy, learned)
+    timers = pending_timers(state, policy, learned, describe=False)
     return timers[0].due if timers else None
 
 
@@ -190,7 +208,7 @@ def advance(
     fired: list[Timer] = []
     for _ in range(MAX_FIRINGS):
         working = current or state
-        due = [t for t in pending_timers(working, policy, learned) if t.due <= now]
+        due = [t for t in pending_timers(working, policy, learned, describe=False) if t.due <= now]
         if not due:
             break
         if current is None:

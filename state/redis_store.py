@@ -75,40 +75,42 @@ for i = 1, #KEYS do out[i] = redis.call('HMGET', KEYS[i], 'v', 's', 'o', 'g') en
 return out
 """
 
-# KEYS: per write its customer hash and its partition's timer index. ARGV: per write expected
-# version, state, outbox, gap samples, customer id, earlier due time or ''. Returns the new
-# version per write, -1 on a version conflict (the index entry only ever moves earlier).
+# KEYS: per write its customer hash and its partition's timer index. ARGV[1]: a JSON list with
+# per write [expected version, state, outbox, gap samples, customer id, earlier due or ''] (one
+# argument: redis-py encodes each argument in Python, cjson decodes the lot in C). Returns the
+# new version per write, -1 on a version conflict (the index entry only ever moves earlier).
 SAVE_MANY_LUA = """
+local rows = cjson.decode(ARGV[1])
 local out = {}
-for i = 1, #KEYS / 2 do
-  local customer, index, b = KEYS[2 * i - 1], KEYS[2 * i], (i - 1) * 6
-  if ARGV[b + 6] ~= '' then redis.call('ZADD', index, 'LT', ARGV[b + 6], ARGV[b + 5]) end
+for i, row in ipairs(rows) do
+  local customer, index = KEYS[2 * i - 1], KEYS[2 * i]
+  if row[6] ~= '' then redis.call('ZADD', index, 'LT', row[6], row[5]) end
   local current = tonumber(redis.call('HGET', customer, 'v') or '0')
-  if current ~= tonumber(ARGV[b + 1]) then
+  if current ~= tonumber(row[1]) then
     out[i] = -1
   else
     out[i] = current + 1
-    redis.call('HSET', customer, 'v', current + 1, 's', ARGV[b + 2])
-    if ARGV[b + 3] == '' then redis.call('HDEL', customer, 'o')
-    else redis.call('HSET', customer, 'o', ARGV[b + 3]) end
-    if ARGV[b + 4] == '' then redis.call('HDEL', customer, 'g')
-    else redis.call('HSET', customer, 'g', ARGV[b + 4]) end
+    redis.call('HSET', customer, 'v', current + 1, 's', row[2])
+    if row[3] == '' then redis.call('HDEL', customer, 'o')
+    else redis.call('HSET', customer, 'o', row[3]) end
+    if row[4] == '' then redis.call('HDEL', customer, 'g')
+    else redis.call('HSET', customer, 'g', row[4]) end
   end
 end
 return out
 """
 
-# KEYS: per customer its hash and its partition's timer index. ARGV: per customer its id, the
-# version whose outbox was produced and gap samples counted (or ''), its exact next due time
-# (or ''). CLEAR_OUTBOX_LUA and an exact ZADD for each.
+# KEYS: per customer its hash and its partition's timer index. ARGV[1]: a JSON list with per
+# customer [id, the version whose outbox was produced and gap samples counted or '', its exact
+# next due time or '']. CLEAR_OUTBOX_LUA and an exact ZADD for each.
 CONFIRM_MANY_LUA = """
-for i = 1, #KEYS / 2 do
-  local customer, index, b = KEYS[2 * i - 1], KEYS[2 * i], (i - 1) * 3
-  if ARGV[b + 2] ~= '' and
-     tonumber(redis.call('HGET', customer, 'v') or '0') == tonumber(ARGV[b + 2]) then
+local rows = cjson.decode(ARGV[1])
+for i, row in ipairs(rows) do
+  local customer, index = KEYS[2 * i - 1], KEYS[2 * i]
+  if row[2] ~= '' and tonumber(redis.call('HGET', customer, 'v') or '0') == tonumber(row[2]) then
     redis.call('HDEL', customer, 'o', 'g')
   end
-  if ARGV[b + 3] ~= '' then redis.call('ZADD', index, ARGV[b + 3], ARGV[b + 1]) end
+  if row[3] ~= '' then redis.call('ZADD', index, row[3], row[1]) end
 end
 return 0
 """
@@ -123,7 +125,7 @@ return current
 """
 
 # KEYS: r, f, m (zsets), meta, sum, dist (hashes), unclassified (set) of one stats shard.
-# ARGV: groups of 10: customer, version, partition, r, f, m, tier, segment, grade, stage.
+# ARGV[1]: a JSON list of [customer, version, partition, r, f, m, tier, segment, grade, stage].
 CONTRIBUTE_LUA = """
 local function bump(labels, delta)
   for _, label in ipairs(labels) do
@@ -131,9 +133,9 @@ local function bump(labels, delta)
   end
 end
 local applied = 0
-for base = 0, #ARGV - 1, 10 do
-  local cid = ARGV[base + 1]
-  local version = tonumber(ARGV[base + 2])
+for _, row in ipairs(cjson.decode(ARGV[1])) do
+  local cid = row[1]
+  local version = tonumber(row[2])
   local old = redis.call('HGET', KEYS[4], cid)
   local stale = false
   if old then
@@ -155,12 +157,12 @@ for base = 0, #ARGV - 1, 10 do
   if not stale then
     redis.call('HINCRBY', KEYS[5], 'n', 1)
     for i, dim in ipairs({'r', 'f', 'm'}) do
-      local value = ARGV[base + 3 + i]
+      local value = row[3 + i]
       redis.call('ZADD', KEYS[i], value, cid)
       redis.call('HINCRBY', KEYS[5], dim, value)
     end
-    local tier, seg, grade, stage = ARGV[base + 7], ARGV[base + 8], ARGV[base + 9], ARGV[base + 10]
-    redis.call('HSET', KEYS[4], cid, ARGV[base + 2] .. '|' .. ARGV[base + 3] .. '|' .. tier .. '|'
+    local tier, seg, grade, stage = row[7], row[8], row[9], row[10]
+    redis.call('HSET', KEYS[4], cid, row[2] .. '|' .. row[3] .. '|' .. tier .. '|'
       .. seg .. '|' .. grade .. '|' .. stage)
     bump({'tier:' .. tier, seg ~= '' and ('segment:' .. seg) or '',
           grade ~= '' and ('grade:' .. grade) or '', 'stage:' .. stage}, 1)
@@ -254,6 +256,15 @@ def gap_calls(pending: Mapping[str, PendingGaps]) -> list[tuple[list[str], list[
         )
         for (customer_id, category, version), days in grouped.items()
     ]
+
+
+def _json_arg(rows: Sequence[Sequence[Any]]) -> str:
+    # Numbers as strings: cjson reads numbers as doubles, and Lua prints large ones with
+    # exponents; strings reach redis.call exactly as Python wrote them.
+    return json.dumps(
+        [[v if isinstance(v, str) else str(v) for v in row] for row in rows],
+        separators=(",", ":"),
+    )
 
 
 def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
@@ -409,13 +420,13 @@ class RedisStore:
         many: list[tuple[list[str], list[Any]]] = []
         for chunk in _chunks(list(zip(writes, calls, strict=True)), MANY_CHUNK):
             chunk_keys: list[str] = []
-            chunk_args: list[Any] = []
+            rows: list[list[Any]] = []
             for w, (call_keys, args) in chunk:
                 due = w.timer.due if w.timer is not None else None
                 shard = w.timer.shard if w.timer is not None else 0
                 chunk_keys += [call_keys[0], keys.timer_index(shard)]
-                chunk_args += [*args, w.customer_id, "" if due is None else due]
-            many.append((chunk_keys, chunk_args))
+                rows.append([*args, w.customer_id, "" if due is None else str(due)])
+            many.append((chunk_keys, [_json_arg(rows)]))
         replies = await self._eval_many(SAVE_MANY_LUA, many)
         return [result for reply in replies for result in reply]
 
@@ -455,16 +466,14 @@ class RedisStore:
         calls: list[tuple[list[str], list[Any]]] = []
         for chunk in _chunks(rows, MANY_CHUNK):
             chunk_keys: list[str] = []
-            chunk_args: list[Any] = []
+            json_rows: list[list[str]] = []
             for cid, version, entry in chunk:
                 due = entry.due if entry is not None else None
                 chunk_keys += [keys.customer(cid), keys.timer_index(entry.shard if entry else 0)]
-                chunk_args += [
-                    cid,
-                    "" if version is None else version,
-                    "" if due is None else due,
-                ]
-            calls.append((chunk_keys, chunk_args))
+                json_rows.append(
+                    [cid, "" if version is None else str(version), "" if due is None else str(due)]
+                )
+            calls.append((chunk_keys, [_json_arg(json_rows)]))
         await self._eval_many(CONFIRM_MANY_LUA, calls)
 
     async def advance_clock(self, seconds: int, shard: int | None = None) -> int:
@@ -510,7 +519,7 @@ class RedisStore:
     async def contribute(self, contributions: Sequence[Contribution]) -> None:
         by_shard: dict[int, list[Any]] = {}
         for c in contributions:
-            by_shard.setdefault(stats_shard(c.customer_id, self.stats_shards), []).extend(
+            by_shard.setdefault(stats_shard(c.customer_id, self.stats_shards), []).append(
                 (
                     c.customer_id,
                     c.version,
@@ -527,8 +536,8 @@ class RedisStore:
         await self._eval_many(
             CONTRIBUTE_LUA,
             [
-                ([keys.stats(shard, part) for part in keys.STATS_PARTS], args)
-                for shard, args in sorted(by_shard.items())
+                ([keys.stats(shard, part) for part in keys.STATS_PARTS], [_json_arg(rows)])
+                for shard, rows in sorted(by_shard.items())
             ],
         )
 

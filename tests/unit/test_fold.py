@@ -788,7 +788,7 @@ def test_any_order_gives_the_same_state(
     state, _, explanations, stages = fold_counting(events, now)
     shuffled = data.draw(st.permutations(events))
     other, duplicates, other_explanations, other_stages = fold_counting(shuffled, now)
-    assert other.to_json() == state.to_json()
+    assert other == state
     assert duplicates == 0
     # Without timers (no advance) the lifecycle is new after one purchase, active after two.
     expected = [("potential", "new")] + ([("new", "active")] if len(events) > 1 else [])
@@ -821,7 +821,7 @@ def test_any_duplication_gives_the_same_state(
         redelivered.append(copy)
     stream = data.draw(st.permutations(events + redelivered))
     other, duplicates, _, other_stages = fold_counting(stream, now)
-    assert other.to_json() == state.to_json()
+    assert other == state
     assert duplicates == len(repeats)
     assert other_stages == stages  # a duplicate never moves the lifecycle again
 
@@ -833,7 +833,7 @@ def test_state_round_trips_through_json(history: tuple[int, list[Purchase]]) -> 
     state, _ = fold(events, now)
     restored = CustomerState.from_json(state.to_json())
     assert restored == state
-    assert restored.to_json() == state.to_json()
+    assert CustomerState.from_json(restored.to_json()) == state
     # Folding on from the restored copy is the same as folding on from the original.
     extra = purchase("extra", now, "1.23", "USD", ["books"])
     assert apply(restored, extra, POLICY, now) == apply(state, extra, POLICY, now)
