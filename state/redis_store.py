@@ -15,6 +15,8 @@ import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
+from pydantic import TypeAdapter
+from pydantic_core import to_json
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ClusterDownError, NoScriptError
@@ -199,16 +201,19 @@ def connect(url: str, cluster: bool = False, password: str | None = None) -> Any
     return Redis.from_url(url, **options)
 
 
+_OUTBOX = TypeAdapter(list[Notification])
+
+
 def _outbox_json(outbox: Sequence[Notification]) -> str:
     if not outbox:
         return ""
-    return json.dumps([n.model_dump(mode="json") for n in outbox], separators=(",", ":"))
+    return "[" + ",".join(n.model_dump_json() for n in outbox) + "]"
 
 
 def _outbox_from(raw: bytes | None) -> tuple[Notification, ...]:
     if not raw:
         return ()
-    return tuple(Notification.model_validate(doc) for doc in json.loads(raw))
+    return tuple(_OUTBOX.validate_json(raw))
 
 
 _REDIS_OPTIONS = frozenset(inspect.signature(Redis.__init__).parameters) - {"self"}
@@ -261,10 +266,7 @@ def gap_calls(pending: Mapping[str, PendingGaps]) -> list[tuple[list[str], list[
 def _json_arg(rows: Sequence[Sequence[Any]]) -> str:
     # Numbers as strings: cjson reads numbers as doubles, and Lua prints large ones with
     # exponents; strings reach redis.call exactly as Python wrote them.
-    return json.dumps(
-        [[v if isinstance(v, str) else str(v) for v in row] for row in rows],
-        separators=(",", ":"),
-    )
+    return to_json([[v if isinstance(v, str) else str(v) for v in row] for row in rows]).decode()
 
 
 def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
