@@ -33,7 +33,6 @@ from rules.timeline import Timer, advance, learned_interval, next_due
 from state.store import (
     Contribution,
     GapSample,
-    PendingGaps,
     Store,
     Stored,
     TimerEntry,
@@ -95,7 +94,8 @@ class BatchOutcome:
     outbox_versions: dict[str, int] = field(default_factory=dict)
     timers: dict[str, TimerEntry] = field(default_factory=dict)  # exact next due, per customer
     contributions: list[Contribution] = field(default_factory=list)  # population statistics
-    gaps: dict[str, PendingGaps] = field(default_factory=dict)  # per customer, to count
+    # customer -> state version whose record holds gap samples (cleared after contributing)
+    gap_versions: dict[str, int] = field(default_factory=dict)
     applied: int = 0
     duplicates: int = 0
     timers_fired: int = 0
@@ -347,8 +347,8 @@ class Engine:
                     if f.stored.outbox:  # left unsent by a crash: send it now
                         outcome.notifications.extend(f.stored.outbox)
                         outcome.outbox_versions[customer_id] = f.stored.version
-                    if f.stored.gaps:  # left uncounted by a crash: count them now
-                        outcome.gaps[customer_id] = PendingGaps(f.stored.version, f.stored.gaps)
+                    if f.stored.gaps:  # left uncounted by a crash: counted now
+                        outcome.gap_versions[customer_id] = f.stored.version
                     version = f.stored.version
                 elif (written := versions[customer_id]) is None:
                     self.metrics.version_conflicts.inc()
@@ -360,7 +360,7 @@ class Engine:
                     if f.write.outbox:
                         outcome.outbox_versions[customer_id] = version
                     if f.write.gaps:
-                        outcome.gaps[customer_id] = PendingGaps(version, f.write.gaps)
+                        outcome.gap_versions[customer_id] = version
                 self._settle(outcome, customer_id, f, newest, version)
             pending = conflicted
         if pending:
@@ -391,7 +391,8 @@ class Engine:
                 else next_due(f.state, self.policy, self._learned)
             )
             outcome.timers[customer_id] = TimerEntry(f.shard, due)
-            contribution = self._contribution(f.state, version, f.shard, f.now)
+            gaps = f.write.gaps if f.write is not None else f.stored.gaps
+            contribution = self._contribution(f.state, version, f.shard, f.now, gaps)
             if contribution is not None:
                 outcome.contributions.append(contribution)
         for trigger, result in f.effects:
@@ -405,7 +406,12 @@ class Engine:
             self._dead_letter(outcome, message, rejection, wall_now)
 
     def _contribution(
-        self, state: CustomerState, version: int, shard: int, now: int
+        self,
+        state: CustomerState,
+        version: int,
+        shard: int,
+        now: int,
+        gaps: tuple[GapSample, ...] = (),
     ) -> Contribution | None:
         if state.last_purchase_at is None or version == 0:
             return None
@@ -428,6 +434,7 @@ class Engine:
             segment=str(segment[0]),
             grade=str(segment[2]),
             stage=state.stage,
+            gaps=gaps,
         )
 
     # -- timers ------------------------------------------------------------------------------
@@ -524,9 +531,8 @@ class Engine:
                 self.metrics.tier_transitions.labels(direction).inc()
             elif notification.type is NotificationType.SEGMENT_CHANGED:
                 self.metrics.segment_transitions.labels(_grade_direction(notification)).inc()
-        await self.retry(
-            "confirm",
-            partial(self.store.confirm, outcome.outbox_versions, outcome.timers, outcome.gaps),
-        )
+        # Contributions first: they count the pending gap samples that confirm then clears.
         if outcome.contributions:
             await self.retry("contribute", partial(self.store.contribute, outcome.contributions))
+        versions = {**outcome.gap_versions, **outcome.outbox_versions}
+        await self.retry("confirm", partial(self.store.confirm, versions, outcome.timers))

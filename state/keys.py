@@ -38,27 +38,16 @@ def shard_clock(shard: int) -> str:
     return f"{PREFIX}:{{t:{shard}}}:clock"
 
 
-def gap_histogram(category: str) -> str:
-    """Hash gap_days -> count of observed repurchase gaps in a category (learned intervals)."""
-    return f"{PREFIX}:{{g:{category}}}:gaps"
-
-
-def gap_counted(category: str) -> str:
-    """Hash customer_id -> newest state version whose gap samples the histogram counted (same
-    slot as the histogram), so re-counting after a crash is harmless. One field per customer
-    who ever repurchased in a learning category: bounded by the customers."""
-    return f"{PREFIX}:{{g:{category}}}:counted"
-
-
 def stats(shard: int, part: str) -> str:
     """Population statistics of one stats shard (customers spread by crc32 of their id), so no
     single key sees every event: `r`, `f`, `m` sorted sets customer -> value, `meta` hash
     customer -> "version|partition|tier|segment|grade|stage", `sum` (n and sums), `dist`
-    (customers per label). All of a shard's keys share a slot: one script updates them."""
+    (customers per label), `gaps` (repurchase gaps "days|category" -> count, for learned
+    intervals). All of a shard's keys share a slot: one script updates them."""
     return f"{PREFIX}:{{s:{shard}}}:{part}"
 
 
-STATS_PARTS = ("r", "f", "m", "meta", "sum", "dist", "unclassified")
+STATS_PARTS = ("r", "f", "m", "meta", "sum", "dist", "unclassified", "gaps")
 
 
 def snapshot() -> str:

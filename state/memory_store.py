@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from rules.customer import CustomerState
-from state.store import Contribution, GapSample, PendingGaps, Stored, TimerEntry, Write
+from state.store import Contribution, GapSample, Stored, TimerEntry, Write
 from streams.events import Notification
 
 
@@ -16,7 +16,6 @@ class MemoryStore:
         self._clocks: dict[int | None, int] = {}
         self.timers: dict[int, dict[str, int]] = {}
         self.gaps: dict[str, dict[int, int]] = {}
-        self.gaps_counted: dict[tuple[str, str], int] = {}  # (category, customer) -> version
         self.contributions: dict[str, Contribution] = {}
         self._snapshot: tuple[int, str] | None = None
         self._policy_version: str | None = None
@@ -54,22 +53,8 @@ class MemoryStore:
         self,
         versions: dict[str, int],
         timers: dict[str, TimerEntry],
-        gaps: Mapping[str, PendingGaps] | None = None,
     ) -> None:
-        # The Redis store's COUNT_GAPS_LUA: each (customer, category, version) counted once.
-        groups: dict[tuple[str, str, int], list[int]] = {}
-        for cid, pending in (gaps or {}).items():
-            for sample in sorted(pending.samples, key=lambda g: g.version):
-                groups.setdefault((cid, sample.category, sample.version), []).append(sample.days)
-        for (cid, category, version), days in groups.items():
-            if version <= self.gaps_counted.get((category, cid), 0):
-                continue
-            histogram = self.gaps.setdefault(category, {})
-            for day in days:
-                histogram[day] = histogram.get(day, 0) + 1
-            self.gaps_counted[(category, cid)] = version
-        clear = {**versions, **{cid: entry.version for cid, entry in (gaps or {}).items()}}
-        for cid, version in clear.items():
+        for cid, version in versions.items():
             row = self._rows.get(cid)
             if row is not None and row[0] == version:
                 self._rows[cid] = (row[0], row[1], (), ())
@@ -110,6 +95,11 @@ class MemoryStore:
             old = self.contributions.get(c.customer_id)
             if old is None or old.version < c.version:
                 self.contributions[c.customer_id] = c
+                # As CONTRIBUTE_LUA: samples newer than the previous contribution count.
+                for sample in c.gaps:
+                    if old is None or sample.version > old.version:
+                        histogram = self.gaps.setdefault(sample.category, {})
+                        histogram[sample.days] = histogram.get(sample.days, 0) + 1
 
     async def population(self) -> tuple[int, dict[str, int]]:
         rows = self.contributions.values()

@@ -12,7 +12,7 @@ import hashlib
 import inspect
 import json
 import zlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar, cast
 
 from pydantic import TypeAdapter
@@ -23,7 +23,7 @@ from redis.exceptions import ClusterDownError, NoScriptError
 
 from rules.customer import CustomerState
 from state import keys
-from state.store import Contribution, GapSample, PendingGaps, Stored, TimerEntry, Write
+from state.store import Contribution, GapSample, Stored, TimerEntry, Write
 from streams.events import Notification
 
 # KEYS[1] customer hash; ARGV[1] expected version; ARGV[2] state JSON; ARGV[3] outbox JSON or '';
@@ -52,17 +52,6 @@ if tonumber(redis.call('HGET', KEYS[1], 'v') or '0') == tonumber(ARGV[1]) then
   return redis.call('HDEL', KEYS[1], 'o', 'g')
 end
 return 0
-"""
-
-# KEYS[1] a category's gap histogram, KEYS[2] its counted-versions hash (same slot);
-# ARGV[1] customer, ARGV[2] sample version, ARGV[3..] gap days. Counts each version once.
-COUNT_GAPS_LUA = """
-local counted = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-local version = tonumber(ARGV[2])
-if version <= counted then return 0 end
-for i = 3, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
 """
 
 # One Redis (not a Cluster): the same steps for a whole batch in one script call, because
@@ -126,8 +115,11 @@ if candidate > current then redis.call('SET', KEYS[1], ARGV[1]) return candidate
 return current
 """
 
-# KEYS: r, f, m (zsets), meta, sum, dist (hashes), unclassified (set) of one stats shard.
-# ARGV[1]: a JSON list of [customer, version, partition, r, f, m, tier, segment, grade, stage].
+# KEYS: r, f, m (zsets), meta, sum, dist (hashes), unclassified (set), gaps (hash) of one stats
+# shard. ARGV[1]: a JSON list of [customer, version, partition, r, f, m, tier, segment, grade,
+# stage, [[category, days, sample version], ...]]. Gap samples newer than the customer's
+# previous contribution are counted: together with the version check that makes a repeated
+# contribution change nothing, each sample is counted exactly once.
 CONTRIBUTE_LUA = """
 local function bump(labels, delta)
   for _, label in ipairs(labels) do
@@ -140,10 +132,12 @@ for _, row in ipairs(cjson.decode(ARGV[1])) do
   local version = tonumber(row[2])
   local old = redis.call('HGET', KEYS[4], cid)
   local stale = false
+  local counted = 0
   if old then
     local oldv, _, ot, os, og, ost =
       string.match(old, '^(%d+)|(%d+)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-    if tonumber(oldv) >= version then
+    counted = tonumber(oldv)
+    if counted >= version then
       stale = true
     else
       redis.call('HINCRBY', KEYS[5], 'n', -1)
@@ -169,6 +163,11 @@ for _, row in ipairs(cjson.decode(ARGV[1])) do
     bump({'tier:' .. tier, seg ~= '' and ('segment:' .. seg) or '',
           grade ~= '' and ('grade:' .. grade) or '', 'stage:' .. stage}, 1)
     if seg == '' then redis.call('SADD', KEYS[7], cid) else redis.call('SREM', KEYS[7], cid) end
+    for _, gap in ipairs(row[11]) do
+      if tonumber(gap[3]) > counted then
+        redis.call('HINCRBY', KEYS[8], gap[2] .. '|' .. gap[1], 1)
+      end
+    end
     applied = applied + 1
   end
 end
@@ -246,27 +245,12 @@ def _stored(customer_id: str, fields: Sequence[bytes | None]) -> Stored:
     )
 
 
-def gap_calls(pending: Mapping[str, PendingGaps]) -> list[tuple[list[str], list[Any]]]:
-    """COUNT_GAPS_LUA calls: one per customer, category and sample version, oldest first."""
-    grouped: dict[tuple[str, str, int], list[int]] = {}
-    for customer_id, entry in pending.items():
-        for sample in sorted(entry.samples, key=lambda g: g.version):
-            grouped.setdefault((customer_id, sample.category, sample.version), []).append(
-                sample.days
-            )
-    return [
-        (
-            [keys.gap_histogram(category), keys.gap_counted(category)],
-            [customer_id, version, *days],
-        )
-        for (customer_id, category, version), days in grouped.items()
-    ]
-
-
 def _json_arg(rows: Sequence[Sequence[Any]]) -> str:
     # Numbers as strings: cjson reads numbers as doubles, and Lua prints large ones with
     # exponents; strings reach redis.call exactly as Python wrote them.
-    return to_json([[v if isinstance(v, str) else str(v) for v in row] for row in rows]).decode()
+    return to_json(
+        [[v if isinstance(v, str | list) else str(v) for v in row] for row in rows]
+    ).decode()
 
 
 def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
@@ -436,13 +420,8 @@ class RedisStore:
         self,
         versions: dict[str, int],
         timers: dict[str, TimerEntry],
-        gaps: Mapping[str, PendingGaps] | None = None,
     ) -> None:
-        if gaps:
-            # Counted before the records are cleared: a crash in between re-counts nothing
-            # (the histogram remembers the versions it counted), a crash before loses nothing.
-            await self._eval_many(COUNT_GAPS_LUA, gap_calls(gaps))
-        clear = {**versions, **{cid: entry.version for cid, entry in (gaps or {}).items()}}
+        clear = versions
         if not self.cluster:
             await self._confirm_single(clear, timers)
             return
@@ -509,14 +488,18 @@ class RedisStore:
         return int(first[0][1]) if first else None
 
     async def gap_histograms(self, categories: Sequence[str]) -> dict[str, dict[int, int]]:
+        """Summed over the stats shards (read every `learn_refresh_s`, not per batch)."""
         pipe = self.client.pipeline(transaction=False)
-        for category in categories:
-            pipe.hgetall(keys.gap_histogram(category))
-        rows = await pipe.execute()
-        return {
-            category: {int(days): int(count) for days, count in row.items()}
-            for category, row in zip(categories, rows, strict=True)
-        }
+        for shard in range(self.stats_shards):
+            pipe.hgetall(keys.stats(shard, "gaps"))
+        histograms: dict[str, dict[int, int]] = {category: {} for category in categories}
+        for row in await pipe.execute():
+            for field, count in row.items():
+                days, _, category = _text(field).partition("|")
+                if category in histograms:
+                    histogram = histograms[category]
+                    histogram[int(days)] = histogram.get(int(days), 0) + int(count)
+        return histograms
 
     async def contribute(self, contributions: Sequence[Contribution]) -> None:
         by_shard: dict[int, list[Any]] = {}
@@ -533,6 +516,7 @@ class RedisStore:
                     c.segment,
                     c.grade,
                     c.stage,
+                    [[g.category, str(g.days), str(g.version)] for g in c.gaps],
                 )
             )
         await self._eval_many(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,23 +24,15 @@ class Stored:
 @dataclass(frozen=True, slots=True)
 class GapSample:
     """One observed repurchase gap, kept in the customer's record (written atomically with the
-    state that revealed it) until confirm() has added it to its category's histogram.
+    state that revealed it) until the customer's population contribution has counted it.
 
-    `version` is the state version that first recorded it. A histogram remembers per customer
-    the newest version it has counted, so adding the samples again after a crash between the
-    histogram update and clearing the record counts nothing twice."""
+    `version` is the state version that first recorded it. A contribution counts the samples
+    newer than the customer's previous contribution, and contributions are idempotent by
+    version, so a crash anywhere neither loses a sample nor counts one twice."""
 
     category: str
     days: int
     version: int
-
-
-@dataclass(frozen=True, slots=True)
-class PendingGaps:
-    """A customer's gap samples to count, and the state version whose record holds them."""
-
-    version: int
-    samples: tuple[GapSample, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +73,9 @@ class Contribution:
     segment: str
     grade: str
     stage: str
+    gaps: tuple[
+        GapSample, ...
+    ] = ()  # pending samples (those newer than the last contribution count)
 
 
 class Store(Protocol):
@@ -94,11 +89,10 @@ class Store(Protocol):
         self,
         versions: dict[str, int],
         timers: dict[str, TimerEntry],
-        gaps: Mapping[str, PendingGaps] | None = None,
     ) -> None:
-        """After the outputs were produced: count each customer's pending gap samples (once per
-        sample version), drop the outbox and the gap samples of each customer still at the
-        given version, set each customer's exact next due time in the index."""
+        """After the outputs were produced and the contributions made: drop the outbox and the
+        pending gap samples of each customer still at the given version, set each customer's
+        exact next due time in the index."""
         ...
 
     async def advance_clock(self, seconds: int, shard: int | None = None) -> int:

@@ -23,7 +23,7 @@ from memberflow.services import LocalRedis
 from rules.segments import Values, batch_snapshot
 from state.memory_store import MemoryStore
 from state.redis_store import RedisStore, connect, stats_shard
-from state.store import Contribution, GapSample, PendingGaps, Store, TimerEntry, Write
+from state.store import Contribution, GapSample, Store, TimerEntry, Write
 
 SHARDS = 5
 StoreFactory = Callable[[], Store]
@@ -381,9 +381,11 @@ def test_compute_snapshot_of_an_empty_store(make_store: StoreFactory) -> None:
 
 
 def test_gap_samples_wait_in_the_record_and_are_counted_once(make_store: StoreFactory) -> None:
-    """Gap samples are written with the state (so a crash before confirm loses none) and
-    counted once per version, however often confirm repeats (a crash after counting, before
-    the record was cleared, repeats it)."""
+    """Gap samples are written with the state (so a crash before they are counted loses none),
+    counted by the customer's contribution (samples newer than its previous contribution), once
+    however often a contribution repeats, and cleared by confirm."""
+    from dataclasses import replace
+
     from rules.customer import CustomerState
 
     state = CustomerState(customer_id="c1", tier="member")
@@ -394,21 +396,22 @@ def test_gap_samples_wait_in_the_record_and_are_counted_once(make_store: StoreFa
         assert (await store.load(["c1"]))["c1"].gaps == first
         assert await store.gap_histograms(["formula"]) == {"formula": {}}
 
-        pending = {"c1": PendingGaps(1, first)}
-        await store.confirm({}, {}, pending)
-        await store.confirm({}, {}, pending)  # repeated: nothing counted twice
+        one = replace(contribution("c1", 1), gaps=first)
+        await store.contribute([one])
+        await store.contribute([one])  # repeated (a crash before confirm): nothing twice
         assert await store.gap_histograms(["formula"]) == {"formula": {14: 1, 20: 1}}
-        assert (await store.load(["c1"]))["c1"].gaps == ()
 
-        # Version 2 written while version 1's samples were still pending (confirm crashed
-        # after counting them): the record carries both; only version 2's are new.
-        assert await store.save([Write("c1", 1, state, gaps=first)]) == {"c1": 2}
-        both = (*first, GapSample("formula", 14, 3), GapSample("toys", 30, 3))
-        assert await store.save([Write("c1", 2, state, gaps=both)]) == {"c1": 3}
-        await store.confirm({}, {}, {"c1": PendingGaps(3, both)})
-        assert await store.gap_histograms(["formula", "toys"]) == {
+        # Version 2 written while version 1's samples were still pending (the crash came after
+        # contributing, before confirm cleared them): the record carries both; only version
+        # 2's samples are new to the histogram.
+        both = (*first, GapSample("formula", 14, 2), GapSample("toys", 30, 2))
+        assert await store.save([Write("c1", 1, state, gaps=both)]) == {"c1": 2}
+        await store.contribute([replace(contribution("c1", 2), gaps=both)])
+        await store.confirm({"c1": 2}, {})
+        assert await store.gap_histograms(["formula", "toys", "books"]) == {
             "formula": {14: 2, 20: 1},
             "toys": {30: 1},
+            "books": {},
         }
         assert (await store.load(["c1"]))["c1"].gaps == ()
 
