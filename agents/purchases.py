@@ -6,6 +6,8 @@ and its notifications and dead letters were acknowledged by the broker.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import os
 import time
@@ -68,12 +70,20 @@ def register(app: faust.App, runtime: Runtime) -> None:
             for shard in shards:
                 while True:
                     async with runtime.lock():
+                        started = time.perf_counter()
                         # small batches: the lock is released between them, so events wait less
                         outcome = await engine.process_due(shard, limit=100)
                         await publish(app, settings, outcome)
                         await engine.confirm(outcome)
+                        took = time.perf_counter() - started
                     if not outcome.more_due:
                         break
+                    if runtime.events_flowing():
+                        # A wake-up storm (a new snapshot relabels everyone) must not starve
+                        # events: while they flow, timers get `timer_share` of the time.
+                        await asyncio.sleep(
+                            took * (1 - settings.timer_share) / settings.timer_share
+                        )
         except Exception:
             # The state is the claim: an unconfirmed firing is found again on restart.
             _die("unexpected error firing timers; stopping")
@@ -93,6 +103,14 @@ def register(app: faust.App, runtime: Runtime) -> None:
                 await engine.retry("publish", partial(publish, engine.store, runtime.policy, now))
         except Exception:
             _die("unexpected error publishing a snapshot; stopping")
+
+    @app.task
+    async def freeze_startup_objects() -> None:
+        # Everything built while starting (Faust, aiokafka, pydantic schemas, metrics) lives
+        # as long as the process: moved out of the collector's reach, a full collection no
+        # longer walks it. Measured: full collections took ~50 ms each, a tail-latency spike.
+        gc.collect()
+        gc.freeze()
 
     @app.agent(purchases, concurrency=1, name="memberflow.purchases")
     async def process_purchases(stream: faust.StreamT) -> None:
@@ -126,6 +144,7 @@ def register(app: faust.App, runtime: Runtime) -> None:
                 # here is unexpected. Letting it escape would make Faust ack the batch.
                 _die("unexpected error in the purchases agent; stopping without ack")
             done = time.time()
+            runtime.last_event_batch = time.monotonic()
             for event in events:
                 await stream.ack(event)
                 tp = event.message.tp

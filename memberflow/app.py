@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,11 @@ class Runtime:
     recent_notifications: deque[Notification] = field(default_factory=notification_ring)
     _engine: Engine | None = None
     _lock: asyncio.Lock | None = None
+    last_event_batch: float = float("-inf")  # monotonic time the last event batch ended
+
+    def events_flowing(self) -> bool:
+        """True while event batches keep coming (one ended within the last half second)."""
+        return time.monotonic() - self.last_event_batch < 0.5
 
     def lock(self) -> asyncio.Lock:
         """Serialises event batches and timer batches within this worker."""

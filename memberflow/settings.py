@@ -48,12 +48,17 @@ class Settings(BaseSettings):
         "wall", description="wall: live time; event: time follows the largest event time seen."
     )
     batch_max: int = Field(2000, ge=1, description="Max events per processing batch.")
-    batch_within_s: float = Field(0.05, gt=0, description="Max wait to fill a batch, seconds.")
+    batch_within_s: float = Field(
+        0.01,
+        gt=0,
+        description="Max wait to fill a batch, seconds (under load batches fill while the last "
+        "one is processed; measured: same throughput as 0.05, lower latency).",
+    )
     broker_session_timeout_s: float = Field(10.0, gt=0, description="Consumer session timeout.")
     broker_rebalance_timeout_s: float = Field(10.0, gt=0, description="Group rebalance timeout.")
     broker_heartbeat_interval_s: float = Field(1.0, gt=0, description="Heartbeat interval.")
     broker_fetch_max_wait_ms: int = Field(
-        100,
+        10,
         ge=1,
         le=30000,
         description="Longest a fetch waits for data (Faust hard-codes 1500 ms; brokers that "
@@ -63,6 +68,13 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Cap of the backoff while Redis is unreachable (retries forever)."
     )
     timer_poll_s: float = Field(1.0, gt=0, description="How often a worker looks for due timers.")
+    timer_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Share of a worker's time that timer batches may take while events are "
+        "flowing (a snapshot can wake every customer at once; events must not queue behind).",
+    )
     timer_lateness_s: int = Field(
         3600,
         ge=0,

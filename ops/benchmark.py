@@ -1199,6 +1199,17 @@ async def latency_phase(
     return result
 
 
+def consumer_fetch_wait_ms(args: argparse.Namespace) -> int:
+    """The fetch max wait the run's Faust consumers use: the experiment flag, else the worker
+    setting (memberflow.app applies it to every Faust consumer, the baselines' included)."""
+    if args.fetch_max_wait_ms:
+        return int(args.fetch_max_wait_ms)
+    configured = args.worker_env.get("MEMBERFLOW_BROKER_FETCH_MAX_WAIT_MS")
+    if configured:
+        return int(configured)
+    return int(Settings.model_fields["broker_fetch_max_wait_ms"].default)
+
+
 async def broker_floor(
     bench: Bench, rate: float, duration: float, fetch_max_wait_ms: int
 ) -> dict[str, Any]:
@@ -1811,7 +1822,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "sweep_prefill": args.sweep_prefill,
             "profile": args.profile,
             "seed": args.seed,
-            "faust_fetch_max_wait_ms": args.fetch_max_wait_ms or FAUST_FETCH_MAX_WAIT_MS,
+            "faust_fetch_max_wait_ms": consumer_fetch_wait_ms(args),
             "fetch_max_wait_patched": args.fetch_max_wait_ms is not None,
             "worker_env": args.worker_env,
             "git": git_state(),
@@ -1884,7 +1895,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         bench,
                         rate,
                         min(args.latency_seconds, 8.0),
-                        args.fetch_max_wait_ms or FAUST_FETCH_MAX_WAIT_MS,
+                        consumer_fetch_wait_ms(args),
                     )
                 )
                 results["latency"] = asyncio.run(
