@@ -28,7 +28,7 @@ from memberflow.metrics import Metrics
 from memberflow.population import current_snapshot
 from rules.customer import CustomerState, apply, epoch, evaluate_tier, evaluation_time, screen
 from rules.policy import Policy
-from rules.segments import Snapshot, reclassify
+from rules.segments import Snapshot, grade_direction, reclassify
 from rules.timeline import Timer, advance, learned_interval, next_due
 from state.store import (
     Contribution,
@@ -67,15 +67,6 @@ _TIER_DIRECTION = {
     NotificationType.TIER_UPGRADED: "up",
     NotificationType.TIER_DOWNGRADED: "down",
 }
-
-
-def _grade_direction(notification: Notification) -> str:
-    """A -> B is down, C -> B up; the grade is the staff's summary of the 8 types."""
-    before = str(notification.explanation.get("previous_grade", ""))
-    after = str(notification.explanation.get("grade", ""))
-    if not before or before == after:
-        return "same"
-    return "up" if after < before else "down"  # "A" < "B" < "C"
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,7 +521,11 @@ class Engine:
             if direction is not None:
                 self.metrics.tier_transitions.labels(direction).inc()
             elif notification.type is NotificationType.SEGMENT_CHANGED:
-                self.metrics.segment_transitions.labels(_grade_direction(notification)).inc()
+                direction = grade_direction(
+                    str(notification.explanation.get("previous_grade") or "") or None,
+                    str(notification.explanation.get("grade") or "") or None,
+                )
+                self.metrics.segment_transitions.labels(direction).inc()
         # Contributions first: they count the pending gap samples that confirm then clears.
         if outcome.contributions:
             await self.retry("contribute", partial(self.store.contribute, outcome.contributions))

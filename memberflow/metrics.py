@@ -117,7 +117,8 @@ class Metrics:
         )
         self.segment_transitions = Counter(
             "memberflow_segment_transitions_total",
-            "RFM type changes by grade direction (up: a better grade, down, same: same grade).",
+            "RFM type changes by grade direction (up: a better grade, down, same: same grade, "
+            "changed: first classification).",
             ["direction"],
             registry=r,
         )

@@ -33,11 +33,10 @@ from memberflow.population import current_snapshot
 from rules.customer import CustomerState, iso, qualifying_tier
 from rules.names import TYPE_NAMES
 from rules.policy import Policy, PolicyError
-from rules.segments import Snapshot, classify, customer_values
+from rules.segments import Snapshot, classify, customer_values, grade_direction
 from state.store import Store
 
 EXIT_USAGE = 2
-_GRADE_ORDER = {"A": 0, "B": 1, "C": 2}  # A is the best grade
 
 DESCRIPTION = """\
 What-if for a policy change: read every customer's state from Redis (a SCAN of all customers)
@@ -150,7 +149,7 @@ class Simulation:
                 "from": old,
                 "to": new,
                 "customers": count,
-                "direction": _grade_direction(old, new),
+                "direction": grade_direction(old, new),
             }
             for (old, new), count in sorted(
                 self.grades.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))
@@ -239,14 +238,6 @@ class Simulation:
                 "for another."
             )
         return notes
-
-
-def _grade_direction(old: str | None, new: str | None) -> str:
-    if old == new:
-        return "same"
-    if old is None or new is None:
-        return "changed"
-    return "up" if _GRADE_ORDER[new] < _GRADE_ORDER[old] else "down"
 
 
 def _totals(moves: Counter[Any], side: int) -> dict[str, int]:

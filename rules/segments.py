@@ -62,6 +62,20 @@ class Segment:
         return f"{self.rfm_type}/{self.grade}"
 
 
+_GRADE_ORDER = {"A": 0, "B": 1, "C": 2}  # A is the best grade
+
+
+def grade_direction(old: str | None, new: str | None) -> str:
+    """How a customer's grade moved: C -> B is "up", A -> B "down", unchanged "same", and
+    "changed" to or from no grade (first classification). The grade is the staff's summary of
+    the 8 RFM types, so its direction is what dashboards and what-if tables count."""
+    if old == new:
+        return "same"
+    if not old or not new:
+        return "changed"
+    return "up" if _GRADE_ORDER[new] < _GRADE_ORDER[old] else "down"
+
+
 def customer_values(state: CustomerState, policy: Policy, now: int) -> Values | None:
     if state.last_purchase_at is None:
         return None

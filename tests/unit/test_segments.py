@@ -24,6 +24,7 @@ from rules.segments import (
     batch_snapshot,
     classify,
     customer_values,
+    grade_direction,
     quantile_ranks,
     reclassify,
     score,
@@ -461,3 +462,19 @@ def test_reclassify_reads_the_window_at_now() -> None:
     notes, _ = reclassify(state, POLICY, population(1), later, EVENT)
     assert state.segment[0] == "general_development"
     assert [n.type for n in notes] == [NotificationType.SEGMENT_CHANGED]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "direction"),
+    [
+        ("C", "B", "up"),
+        ("B", "A", "up"),
+        ("A", "C", "down"),
+        ("B", "B", "same"),
+        (None, "A", "changed"),
+        ("A", None, "changed"),
+        (None, None, "same"),
+    ],
+)
+def test_grade_direction(old: str | None, new: str | None, direction: str) -> None:
+    assert grade_direction(old, new) == direction
