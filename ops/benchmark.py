@@ -707,10 +707,13 @@ async def produce(
     return time.perf_counter() - started
 
 
-def preload(bench: Bench, topic: str, events: int, customers: int) -> dict[str, Any]:
+def preload(
+    bench: Bench, topic: str, events: int, customers: int, end: float | None = None
+) -> dict[str, Any]:
     bench.broker.create_topics({topic: bench.args.partitions})
     started = time.perf_counter()
-    payloads = history_payloads(events, customers, bench.args.seed, time.time() - DAY)
+    end = time.time() - DAY if end is None else end
+    payloads = history_payloads(events, customers, bench.args.seed, end)
     generated = time.perf_counter() - started
     seconds = asyncio.run(produce(bench.broker.bootstrap, topic, payloads, bench.args.partitions))
     mean_bytes = statistics.fmean(len(v) for _, v in payloads)
@@ -1337,57 +1340,113 @@ def run_profile(bench: Bench, topic: str, events: int, out: Path) -> dict[str, A
 # -- sweep --------------------------------------------------------------------------------------
 
 
-def prefill_customers(bench: Bench, customers: int, before: float) -> dict[str, Any]:
-    """Write `customers` customer hashes (v=1, s=state JSON) as the engine would after one
-    purchase a day before `before`: the keyspace a shop of that size has. The state is made by
-    the product's own decoder and fold (rules.customer.apply) once, then given each customer's
-    id and event key. Prefilled customers are not put in the timer index, so their time-driven
-    work (which scales with the population, not with the events) is not part of the run."""
+def prefill_customers(
+    bench: Bench, first: int, last: int, purchased_at: float, partitions: int
+) -> dict[str, Any]:
+    """Store customers `first`..`last` as dormant customers of a big shop: each with one
+    purchase at `purchased_at`, written through the product's own paths (rules.customer.apply
+    for the state, RedisStore.contribute for the population statistics, the timer index at the
+    state's real next due time, the policy version recorded), then a population snapshot
+    published from them. Their timers come due after the run's events (`purchased_at` is at
+    the end of the history) and the snapshot is fresh, so nothing wakes them during the run:
+    what grows with the shop is the keyspace, the sorted sets and the index, not the work."""
     import copy
 
+    from aiokafka.partitioner import DefaultPartitioner
+
     from memberflow.policy_file import load_policy
+    from memberflow.population import compute_snapshot
     from memberflow.settings import default_rules_file
     from rules.customer import apply
+    from rules.timeline import next_due
+    from state.redis_store import RedisStore, connect
+    from state.store import Contribution
     from streams.codec import decode_event
 
     started = time.perf_counter()
+    count = max(0, last - first + 1)
     policy = load_policy(default_rules_file())
-    occurred = before - DAY
-    _, raw = purchase(random.Random(1), "pre-template", "cust-template", occurred, "59.90")
+    _, raw = purchase(random.Random(1), "pre-template", "cust-template", purchased_at, "59.90")
     event = decode_event(raw)
-    template = apply(None, event, policy, int(occurred)).state  # type: ignore[arg-type]
+    template = apply(None, event, policy, int(purchased_at)).state  # type: ignore[arg-type]
     if template is None or len(template.seen) != 1:
         raise RuntimeError("could not build a prefill state with rules.customer.apply")
     (seen_value,) = template.seen.values()
-    client = bench.data_client()
-    chunk = 5_000
-    for low in range(0, customers, chunk):
-        pipe = client.pipeline(transaction=False)
-        for number in range(low + 1, min(customers, low + chunk) + 1):
-            state = copy.copy(template)
-            state.customer_id = customer_id(number)
-            state.seen = {event_key(f"pre-{number}"): seen_value}
-            pipe.hset(keys.customer(state.customer_id), mapping={"v": 1, "s": state.to_json()})
-        pipe.execute()
+    due = next_due(template, policy)
+    orders, spend = template.window(int(purchased_at), policy.window_days)
+    partitioner = DefaultPartitioner()
+    ids = list(range(partitions))
+
+    async def write() -> dict[str, Any]:
+        store = RedisStore(
+            connect(bench.redis_url, cluster=bench.cluster is not None), stats_shards=16
+        )
+        try:
+            await store.set_policy_version(policy.version)
+            chunk = 5_000
+            for low in range(first, last + 1, chunk):
+                numbers = range(low, min(last, low + chunk - 1) + 1)
+                pipe = store.client.pipeline(transaction=False)
+                contributions = []
+                for number in numbers:
+                    cid = customer_id(number)
+                    state = copy.copy(template)
+                    state.customer_id = cid
+                    state.seen = {event_key(f"pre-{number}"): seen_value}
+                    pipe.hset(keys.customer(cid), mapping={"v": 1, "s": state.to_json()})
+                    shard = partitioner(cid.encode(), ids, ids)
+                    if due is not None:
+                        pipe.zadd(keys.timer_index(shard), {cid: due})
+                    contributions.append(
+                        Contribution(
+                            customer_id=cid,
+                            version=1,
+                            partition=shard,
+                            r=int(purchased_at),
+                            f=orders,
+                            m=spend,
+                            tier=template.tier,
+                            segment="",
+                            grade="",
+                            stage=template.stage,
+                        )
+                    )
+                await pipe.execute()
+                await store.contribute(contributions)
+            snapshot = None
+            if count:
+                snapshot = await compute_snapshot(store, 1, int(time.time()))
+                if snapshot is not None:
+                    await store.publish_snapshot(snapshot.version, snapshot.model_dump_json())
+            return {"snapshot_version": snapshot.version if snapshot else None}
+        finally:
+            await store.close()
+
+    published = asyncio.run(write())
     seconds = time.perf_counter() - started
-    say(f"prefilled {customers:,} customers in {seconds:.1f}s")
+    say(f"prefilled {count:,} dormant customers in {seconds:.1f}s")
     return {
-        "customers": customers,
+        "customers": count,
         "seconds": round(seconds, 1),
         "state_bytes": len(template.to_json()),
+        **published,
     }
 
 
-def run_sweep_size(bench: Bench, size: int, events: int) -> dict[str, Any]:
-    """(c) over N events for `size` customers, Redis pre-filled with all of them (by default)."""
+def run_sweep_size(
+    bench: Bench, size: int, events: int, active: int, history_end: float
+) -> dict[str, Any]:
+    """(c) over the same `events` purchases of `active` customers, in a shop of `size`
+    customers: the other size - active are pre-filled as dormant customers (by default)."""
     topic = f"bench.sweep.{size}"
-    loaded = preload(bench, topic, events, size)
+    loaded = preload(bench, topic, events, active, end=history_end)
     prepare = None
     if bench.args.sweep_prefill:
-        first_event = time.time() - DAY - 330 * DAY
 
         def prepare() -> dict[str, Any]:
-            return prefill_customers(bench, size, first_event)
+            return prefill_customers(
+                bench, active + 1, size, history_end - DAY, bench.args.partitions
+            )
 
     try:
         run = run_memberflow(bench, f"sweep-{size}", topic, events, prepare=prepare)
@@ -1396,6 +1455,7 @@ def run_sweep_size(bench: Bench, size: int, events: int) -> dict[str, Any]:
     memory = run.result["memory"]
     return {
         "customers": size,
+        "active_customers": active,
         "events": events,
         "events_per_s": run.result["events_per_s"],
         "notifications": run.result["notifications"],
@@ -1924,9 +1984,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["sweep_skipped"] = [s for s in sizes if s > QUICK_SWEEP_MAX]
                 sizes = [s for s in sizes if s <= QUICK_SWEEP_MAX]
             results["sweep"] = []
+            # The same events of the same customers in every run (at most half the smallest
+            # size are active), so only the shop's size differs between the runs.
+            active = max(1, min(args.customers, min(sizes) // 2))
+            history_end = time.time() - DAY
             for size in sizes:
                 with phase_errors(results, f"sweep-{size}"):
-                    results["sweep"].append(run_sweep_size(bench, size, events))
+                    results["sweep"].append(
+                        run_sweep_size(bench, size, events, active, history_end)
+                    )
     finally:
         stop_all(workers)
         bench.close_clients()
