@@ -71,8 +71,10 @@ def register(app: faust.App, runtime: Runtime) -> None:
                 while True:
                     async with runtime.lock():
                         started = time.perf_counter()
-                        # small batches: the lock is released between them, so events wait less
-                        outcome = await engine.process_due(shard, limit=100)
+                        # Small batches, smaller still while events flow: the lock is released
+                        # between them, and an event arriving meanwhile waits for one batch.
+                        limit = 25 if runtime.events_flowing() else 100
+                        outcome = await engine.process_due(shard, limit=limit)
                         await publish(app, settings, outcome)
                         await engine.confirm(outcome)
                         took = time.perf_counter() - started

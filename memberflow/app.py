@@ -30,7 +30,7 @@ class Runtime:
     recent_notifications: deque[Notification] = field(default_factory=notification_ring)
     _engine: Engine | None = None
     _lock: asyncio.Lock | None = None
-    last_event_batch: float = float("-inf")  # monotonic time the last event batch ended
+    last_event_batch: float = -1e9  # monotonic time the last event batch ended (never)
 
     def events_flowing(self) -> bool:
         """True while event batches keep coming (one ended within the last half second)."""

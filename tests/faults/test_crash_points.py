@@ -244,7 +244,9 @@ def enumeration(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Enumeratio
         assert expected["export"] == workload.expected_export()
         upgrades = {upgrade_key(n) for n in expected_notes.values() if n["type"] == "tier_upgraded"}
         assert upgrades == workload.expected_upgrades()
-        assert any(expected["gaps"].values()), "no repurchase gaps recorded: the gap check would prove nothing"
+        assert any(expected["gaps"].values()), (
+            "no repurchase gaps recorded: the gap check would prove nothing"
+        )
         reference_letters = {(d["source_offset"], d["reason"]) for d in reference.dead_letters}
 
         points = _points(reference)
