@@ -30,12 +30,14 @@ FAULT_SEED=N repeats its choices.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
 import multiprocessing
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -52,7 +54,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from memberflow.replay import ReplayRecord, iter_history
 from memberflow.replay import publish as replay_publish
-from memberflow.services import LocalBroker, LocalRedis, WorkerProcess
+from memberflow.services import LocalBroker, LocalRedis, WorkerProcess, free_port
 from memberflow.synthetic import add_noise, generate_history, write_jsonl
 from state import keys
 from tests.integration.conftest import ROOT, run_cli
@@ -748,3 +750,190 @@ def seeded_rng(scenario: str) -> random.Random:
     seed = int(os.environ.get("FAULT_SEED", str(time.time_ns() % 1_000_000)))
     print(f"[{scenario}] FAULT_SEED={seed}")
     return random.Random(f"{scenario}:{seed}")
+
+
+# -- resources: memory, keys, publishing at full speed, a slow link ---------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident set size (VmRSS in /proc/<pid>/status), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def redis_memory(server: LocalRedis) -> dict[str, int]:
+    """`INFO memory`'s byte counts (used_memory, used_memory_dataset, ...)."""
+    with server.client() as client:
+        info = client.info("memory")
+    return {name: int(value) for name, value in info.items() if isinstance(value, int)}
+
+
+def key_pattern(key: str) -> str:
+    """A key with the variable part of its hash tag folded: `mf:{c:cust-1}` -> `mf:{c:*}`,
+    `mf:{s:3}:meta` -> `mf:{s:*}:meta`; fixed keys (`mf:{clock}:event`) stay as they are."""
+    return re.sub(r"\{([a-z]+):[^}]*\}", r"{\1:*}", key)
+
+
+@dataclass
+class KeyGroup:
+    """Keys sharing a pattern: how many, how many elements (hash fields, set or sorted-set
+    members; 1 per string) and the bytes Redis accounts to them (MEMORY USAGE)."""
+
+    keys: int = 0
+    elements: int = 0
+    largest: int = 0  # elements of the biggest key
+    bytes: int = 0
+
+
+def key_census(server: LocalRedis) -> dict[str, KeyGroup]:
+    """Every key in Redis, grouped by key_pattern (a SCAN, then two pipelined rounds)."""
+    with server.client() as client:
+        names = [key.decode() for key in client.scan_iter(count=1000)]
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.type(name)
+        types = [t.decode() if isinstance(t, bytes) else str(t) for t in pipe.execute()]
+        size_of = {"hash": pipe.hlen, "zset": pipe.zcard, "set": pipe.scard, "list": pipe.llen}
+        for name, kind in zip(names, types, strict=True):
+            size_of.get(kind, pipe.exists)(name)
+            pipe.memory_usage(name, samples=0)  # 0: every element, not an estimate
+        replies = pipe.execute()
+    groups: dict[str, KeyGroup] = defaultdict(KeyGroup)
+    for index, name in enumerate(names):
+        elements, used = int(replies[2 * index]), int(replies[2 * index + 1] or 0)
+        group = groups[key_pattern(name)]
+        group.keys += 1
+        group.elements += elements
+        group.largest = max(group.largest, elements)
+        group.bytes += used
+    return dict(sorted(groups.items()))
+
+
+def publish_all(bootstrap: str, records: Sequence[ReplayRecord]) -> float:
+    """Publish records to the purchases topic as fast as the replay publisher goes (a burst);
+    returns the seconds it took."""
+    started = time.monotonic()
+    replay_publish(iter(records), bootstrap, "purchases", total=len(records), progress=False)
+    return time.monotonic() - started
+
+
+class DelayProxy:
+    """A TCP proxy on a free loopback port in front of `target_port` that holds every chunk
+    the target sends back for `delay_s` before passing it on: a slow server (or link) as the
+    client sees it. Requests go through at once; each reply chunk is released `delay_s` after
+    it arrived, in order, so a pipelined round trip costs one delay (latency, not a bandwidth
+    cap). `delay_s` may be changed at any time; chunks already waiting are then released by
+    the new value. Runs its own event loop in a daemon thread."""
+
+    def __init__(self, target_port: int, delay_s: float = 0.0) -> None:
+        self.target_port, self._delay_s = target_port, delay_s
+        self.port = free_port()
+        self.connections = 0
+        self._loop = asyncio.new_event_loop()
+        self._changed = asyncio.Event()  # replaced (and the old one set) on every new delay
+        self._thread = threading.Thread(target=self._loop.run_forever, name="proxy", daemon=True)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # one per connection
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def delay_s(self) -> float:
+        return self._delay_s
+
+    @delay_s.setter
+    def delay_s(self, value: float) -> None:
+        def changed() -> None:
+            woken, self._changed = self._changed, asyncio.Event()
+            woken.set()
+
+        self._delay_s = value
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(changed)
+
+    def start(self) -> DelayProxy:
+        self._thread.start()
+        serve = asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self._server = asyncio.run_coroutine_threadsafe(serve, self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+            for task in list(self._tasks):  # each closes its two sockets on the way out
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._server is not None:
+                await self._server.wait_closed()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+
+    def __enter__(self) -> DelayProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            held: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+            pumps = [
+                asyncio.ensure_future(self._pipe(reader, up_writer)),
+                asyncio.ensure_future(self._hold(up_reader, held)),
+                asyncio.ensure_future(self._release(held, writer)),
+            ]
+            try:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+        except OSError:
+            pass  # the target is down: the client sees its connection closed
+        finally:
+            self._tasks.discard(task)
+            for end in (writer, up_writer):
+                if end is not None:
+                    end.close()
+                    with contextlib.suppress(OSError):
+                        await end.wait_closed()
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+
+    @staticmethod
+    async def _hold(reader: asyncio.StreamReader, held: asyncio.Queue[tuple[float, bytes]]) -> None:
+        while chunk := await reader.read(65536):
+            held.put_nowait((time.monotonic(), chunk))
+        held.put_nowait((time.monotonic(), b""))  # the target closed: close the client too
+
+    async def _release(
+        self, held: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            arrived, chunk = await held.get()
+            while (wait := arrived + self.delay_s - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):  # woken early by a new delay
+                    await asyncio.wait_for(self._changed.wait(), wait)
+            if not chunk:
+                return
+            writer.write(chunk)
+            await writer.drain()
