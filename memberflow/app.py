@@ -113,6 +113,10 @@ def faust_app(settings: Settings, app_id: str | None = None) -> faust.App:
         # State lives in Redis with the idempotency memory; Faust tables are not used.
         store="memory://",
         autodiscover=False,
+        # Faust would otherwise let unprefixed environment variables (WEB_BIND, PRODUCER_ACKS,
+        # STREAM_BUFFER_MAXSIZE, ...) override what is passed here: a stray WEB_BIND=0.0.0.0
+        # exposed the API while the token check saw loopback. MEMBERFLOW_* is the only input.
+        env={},
     )
 
 

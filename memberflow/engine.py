@@ -438,6 +438,23 @@ class Engine:
         clock = await self.retry("clock", partial(self.store.clock, shard))
         return (clock or 0) - self.timer_lateness_s
 
+    async def shards_due(self, shards: Sequence[int]) -> list[int]:
+        """The shards among `shards` with a timer due now (one round trip). A hint for the
+        poller, which takes its lock only for these; process_due() checks again."""
+        if not shards:
+            return []
+        heads = await self.retry("due", partial(self.store.timer_heads, shards))
+        due = []
+        for shard, (clock, first) in heads.items():
+            until = (
+                int(self.wall_clock())
+                if self.clock_mode == "wall"
+                else (clock or 0) - self.timer_lateness_s
+            )
+            if first is not None and until > 0 and first <= until:
+                due.append(shard)
+        return due
+
     async def process_due(self, shard: int, limit: int = 500) -> BatchOutcome:
         """Fire the due timers of one shard (an input partition this worker owns)."""
         outcome = BatchOutcome()

@@ -304,10 +304,13 @@ def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: i
     effects = _settle_superseded(current, new, event.categories(), policy)
     notifications = evaluate_tier(new, policy, now, _event_cause(event))
     stage_change = _stage_after_purchase(new, previous_last, occurred, now, policy, event)
+    # Only categories with a repurchase rule: nothing else reads them (intervals, learning).
     gaps = tuple(
         (category, round((occurred - old[0]) / DAY))
         for category in event.categories()
-        if (old := current.categories.get(category)) is not None and occurred - old[0] >= DAY
+        if category in policy.repurchase.categories
+        and (old := current.categories.get(category)) is not None
+        and occurred - old[0] >= DAY
     )
     return Decision(new, notifications=notifications + stage_change, effects=effects, gaps=gaps)
 

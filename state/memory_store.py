@@ -83,6 +83,9 @@ class MemoryStore:
         for cid in customer_ids:
             self.timers.get(shard, {}).pop(cid, None)
 
+    async def timer_heads(self, shards: Sequence[int]) -> dict[int, tuple[int | None, int | None]]:
+        return {shard: (self._clocks.get(shard), await self.next_due_in(shard)) for shard in shards}
+
     async def next_due_in(self, shard: int) -> int | None:
         index = self.timers.get(shard, {})
         return min(index.values()) if index else None

@@ -483,6 +483,21 @@ class RedisStore:
         if customer_ids:
             await self.client.zrem(keys.timer_index(shard), *customer_ids)
 
+    async def timer_heads(self, shards: Sequence[int]) -> dict[int, tuple[int | None, int | None]]:
+        pipe = self.client.pipeline(transaction=False)
+        for shard in shards:
+            pipe.get(keys.shard_clock(shard))
+            pipe.zrange(keys.timer_index(shard), 0, 0, withscores=True)
+        replies = await pipe.execute()
+        heads: dict[int, tuple[int | None, int | None]] = {}
+        for index, shard in enumerate(shards):
+            clock, first = replies[2 * index], replies[2 * index + 1]
+            heads[shard] = (
+                int(clock) if clock is not None else None,
+                int(first[0][1]) if first else None,
+            )
+        return heads
+
     async def next_due_in(self, shard: int) -> int | None:
         first = await self.client.zrange(keys.timer_index(shard), 0, 0, withscores=True)
         return int(first[0][1]) if first else None

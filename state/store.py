@@ -111,6 +111,11 @@ class Store(Protocol):
 
     async def unindex(self, shard: int, customer_ids: Sequence[str]) -> None: ...
 
+    async def timer_heads(self, shards: Sequence[int]) -> dict[int, tuple[int | None, int | None]]:
+        """Per shard (its event clock, its earliest indexed due time), in one round trip: how
+        a worker decides, without taking its lock, whether a shard has timers to fire."""
+        ...
+
     async def next_due_in(self, shard: int) -> int | None:
         """The earliest indexed due time in a shard (for status and tests)."""
         ...

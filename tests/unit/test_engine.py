@@ -899,3 +899,30 @@ def test_outbox_of_the_last_timers_survives_a_crash_before_it_was_produced() -> 
         assert store.timers[0] == {}
 
     asyncio.run(scenario())
+
+
+def test_shards_due_names_the_shards_with_a_timer_due_now() -> None:
+    """The poller's hint, taken without the lock: wall time in `wall` mode, the shard's event
+    clock less the lateness in `event` mode."""
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        clock = Clock(WALL)
+        engine = timer_engine(store, clock)
+        await engine.confirm(await engine.process([shopped(1, "f1", "c1", WALL, partition=2)]))
+        assert await engine.shards_due([0, 1, 2]) == []
+        clock.now = WALL + FORMULA_DUE
+        assert await engine.shards_due([0, 1, 2]) == [2]
+        assert await engine.shards_due([0, 1]) == []
+
+        events = MemoryStore()
+        by_events = timer_engine(events, Clock(WALL), clock_mode="event")
+        await by_events.confirm(
+            await by_events.process([shopped(1, "f1", "c1", WALL, partition=2)])
+        )
+        await events.advance_clock(WALL + FORMULA_DUE, shard=2)
+        assert await by_events.shards_due([2]) == []  # within the lateness
+        await events.advance_clock(WALL + FORMULA_DUE + LATENESS, shard=2)
+        assert await by_events.shards_due([0, 2]) == [2]
+
+    asyncio.run(scenario())

@@ -433,3 +433,19 @@ def test_the_page_is_self_contained_and_its_csp_allows_exactly_its_own_code() ->
     for element in ("lookup-id", "lookup-form", "dist-tier", "dist-stage", "notifications"):
         assert f'id="{element}"' in page
     assert "innerHTML" not in page  # data is only ever set as text
+
+
+def test_faust_environment_variables_do_not_override_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Faust reads unprefixed variables (WEB_BIND, PRODUCER_ACKS, ...) over its arguments; the
+    token check trusts MEMBERFLOW_WEB_HOST, so the app must bind where the settings say."""
+    from memberflow.app import faust_app
+
+    monkeypatch.setenv("WEB_BIND", "0.0.0.0")
+    monkeypatch.setenv("PRODUCER_ACKS", "1")
+    monkeypatch.setenv("STREAM_BUFFER_MAXSIZE", "1000000")
+    app = faust_app(settings())
+    assert app.conf.web_bind == "127.0.0.1"
+    assert app.conf.producer_acks == -1
+    assert app.conf.stream_buffer_maxsize == 4096
