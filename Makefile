@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration system-deps clean
+.PHONY: demo test lint unit integration bench system-deps clean
 
 demo: $(STAMP) system-deps
 	$(BIN)/memberflow demo
@@ -18,6 +18,10 @@ unit: $(STAMP)
 
 integration: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -m integration
+
+# The issue-7 benchmark (about 15 minutes on 2 cores; `ops/benchmark.py --help` for sizes).
+bench: $(STAMP) system-deps
+	$(BIN)/python ops/benchmark.py --customers-sweep 10k,100k,1M
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
