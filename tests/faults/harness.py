@@ -254,6 +254,19 @@ class Feeder(threading.Thread):
         self.join(10)
 
 
+@contextlib.contextmanager
+def feeding(bootstrap: str, records: Sequence[ReplayRecord], seconds: float) -> Iterator[Feeder]:
+    """A Feeder spreading `records` over `seconds` while the block injects its faults; the
+    block's end waits for the last record (a failing block stops the feeder instead)."""
+    feeder = Feeder(bootstrap, records, rate=len(records) / seconds)
+    feeder.start()
+    try:
+        yield feeder
+        feeder.finish()
+    finally:
+        feeder.halt()
+
+
 # -- processes -------------------------------------------------------------------------------
 
 
@@ -373,6 +386,19 @@ def wait_settled(
         return due_timers(server, lateness_s) == 0 and not pending_outboxes(server)
 
     wait_for("timers and outboxes to settle", settled, timeout)
+
+
+def settle(
+    broker: LocalBroker,
+    server: LocalRedis,
+    published: int,
+    workers: Sequence[WorkerProcess],
+    lateness_s: int,
+    drain_timeout: float = 90,
+) -> None:
+    """Until every published message is committed and every due timer and outbox is done."""
+    wait_drained(broker, published, workers, drain_timeout)
+    wait_settled(server, lateness_s, workers)
 
 
 def engine_clock(server: LocalRedis) -> int | None:

@@ -72,11 +72,11 @@ from tests.faults.harness import (
     publish_all,
     retries,
     rss_bytes,
+    settle,
     tick,
     verify,
     wait_drained,
     wait_for,
-    wait_settled,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -300,8 +300,7 @@ def test_slow_redis_slows_the_consumer_instead_of_growing_buffers(
 
         # Drained: the verdict of every fault test.
         tick(cli_env, workload.last_event)
-        wait_drained(broker, published + TOPIC_PARTITIONS, [worker])
-        wait_settled(aof_redis, LATENESS_S, [worker])
+        settle(broker, aof_redis, published + TOPIC_PARTITIONS, [worker], LATENESS_S)
         assert worker.pid == pid, "the worker was restarted"
         verdict = verify(
             "backpressure", cli_env, broker, aof_redis, workload, policy[1], lateness_s=LATENESS_S

@@ -64,9 +64,8 @@ from tests.faults.harness import (
     pending_outboxes,
     redis_memory,
     rss_bytes,
+    settle,
     tick,
-    wait_drained,
-    wait_settled,
 )
 from tests.oracle import batch_export, valid_rows
 
@@ -307,8 +306,7 @@ def test_memory_stays_flat_over_a_long_run(
         feeder.start()
         feeder.finish()
         published = upto
-        wait_drained(broker, published, [worker])
-        wait_settled(aof_redis, LATENESS_S, [worker])
+        settle(broker, aof_redis, published, [worker], LATENESS_S)
         until = int((START + timedelta(days=end_day)).timestamp())
         check_seen(aof_redis, accepted[:published], until)
         samples.append(sample_state(aof_redis, end_day, published, worker))
@@ -356,8 +354,7 @@ def test_memory_stays_flat_over_a_long_run(
     # bounds (a shortened horizon must neither lose nor double anything).
     last = datetime.fromtimestamp(max(_epoch(row) for row in rows), UTC)
     tick(env, last)
-    wait_drained(broker, len(records) + PARTITIONS, [worker])
-    wait_settled(aof_redis, LATENESS_S, [worker])
+    settle(broker, aof_redis, len(records) + PARTITIONS, [worker], LATENESS_S)
     assert engine_clock(aof_redis) == int(last.timestamp())
     expected = batch_export(
         accepted, as_of=last, window_days=WINDOW_DAYS, max_event_age_days=MAX_EVENT_AGE_DAYS

@@ -34,10 +34,9 @@ from tests.faults.harness import (
     engine_clock,
     make_workload,
     read_all,
+    settle,
     tick,
     verify,
-    wait_drained,
-    wait_settled,
 )
 from tests.integration.conftest import run_cli
 from tests.oracle import batch_export, expected_upgrades
@@ -88,8 +87,7 @@ def test_worker_survives_a_broker_swap_with_state_intact(
     replayed = run_cli(env, "replay", "--quiet", str(path))
     assert replayed.returncode == 0, replayed.stderr
     tick(env, before.last_event)
-    wait_drained(broker, len(before.records) + PARTITIONS, [worker])
-    wait_settled(aof_redis, LATENESS_S, [worker])
+    settle(broker, aof_redis, len(before.records) + PARTITIONS, [worker], LATENESS_S)
     first = verify("broker-swap, before", env, broker, aof_redis, before, policy[1], LATENESS_S)
 
     broker.kill()
@@ -104,8 +102,7 @@ def test_worker_survives_a_broker_swap_with_state_intact(
         replayed = run_cli(env, "replay", "--quiet", str(tmp_path / "after.jsonl"))
         assert replayed.returncode == 0, replayed.stderr
         tick(env, after.last_event)
-        wait_drained(fresh, len(after.records) + PARTITIONS, [worker], timeout=60)
-        wait_settled(aof_redis, LATENESS_S, [worker])
+        settle(fresh, aof_redis, len(after.records) + PARTITIONS, [worker], LATENESS_S, 60)
         assert worker.pid == pid, "the worker was restarted"
 
         # State: both histories, as if nothing had happened in between.

@@ -21,17 +21,16 @@ from memberflow.services import LocalBroker, LocalRedis, WorkerProcess
 from tests.faults.harness import (
     DAY,
     PARTITIONS,
-    Feeder,
     alive,
     assigned_partitions,
+    feeding,
     make_workload,
     seeded_rng,
+    settle,
     start_all,
     tick,
     verify,
-    wait_drained,
     wait_for,
-    wait_settled,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -67,10 +66,8 @@ def test_worker_killed_then_partitions_taken_over_then_third_joins(
         timeout=30,
     )
 
-    feeder = Feeder(broker.bootstrap, workload.records, rate=len(workload.records) / FEED_S)
-    feeder.start()
     notes: list[str] = []
-    try:
+    with feeding(broker.bootstrap, workload.records, FEED_S) as feeder:
         time.sleep(rng.uniform(2.0, 6.0))
         alive([first, second])
         lost = assigned_partitions(first)
@@ -97,15 +94,11 @@ def test_worker_killed_then_partitions_taken_over_then_third_joins(
             f"third joined at {feeder.sent} published: second {sorted(assigned_partitions(second))}"
             f", third {sorted(assigned_partitions(third))}"
         )
-        feeder.finish()
-    finally:
-        feeder.halt()
     assert feeder.sent == len(workload.records)
 
     tick(make_env(**settings), workload.last_event)
     survivors = [second, third]
-    wait_drained(broker, len(workload.records) + PARTITIONS, survivors)
-    wait_settled(aof_redis, LATENESS_S, survivors)
+    settle(broker, aof_redis, len(workload.records) + PARTITIONS, survivors, LATENESS_S)
     report = verify(
         "rebalance",
         make_env(**settings),

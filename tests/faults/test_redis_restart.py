@@ -29,15 +29,14 @@ from memberflow.services import LocalBroker, LocalRedis, WorkerProcess
 from tests.faults.harness import (
     DAY,
     PARTITIONS,
-    Feeder,
     alive,
+    feeding,
     make_workload,
     retries,
     seeded_rng,
+    settle,
     tick,
     verify,
-    wait_drained,
-    wait_settled,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -65,10 +64,8 @@ def test_redis_kill_9_and_aof_restart_under_load(
     worker.start()
     pid = worker.pid
 
-    feeder = Feeder(broker.bootstrap, workload.records, rate=len(workload.records) / FEED_S)
-    feeder.start()
     notes: list[str] = []
-    try:
+    with feeding(broker.bootstrap, workload.records, FEED_S) as feeder:
         for number in range(1, OUTAGES + 1):
             time.sleep(rng.uniform(2.0, 6.0))
             before = retries(worker)
@@ -81,13 +78,9 @@ def test_redis_kill_9_and_aof_restart_under_load(
                 f"outage {number}: {time.monotonic() - down_at:.1f}s at {published} published; "
                 f"worker retried {retries(worker) - before:.0f} times"
             )
-        feeder.finish()
-    finally:
-        feeder.halt()
 
     tick(env, workload.last_event)
-    wait_drained(broker, len(workload.records) + PARTITIONS, [worker])
-    wait_settled(aof_redis, LATENESS_S, [worker])
+    settle(broker, aof_redis, len(workload.records) + PARTITIONS, [worker], LATENESS_S)
     assert worker.pid == pid, "the worker was restarted"
     assert retries(worker) > 0
     report = verify(

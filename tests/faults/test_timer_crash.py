@@ -32,10 +32,9 @@ from tests.faults.harness import (
     pending_outboxes,
     run_cli,
     seeded_rng,
+    settle,
     tick,
     verify,
-    wait_drained,
-    wait_settled,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -63,8 +62,7 @@ def test_timers_due_while_down_fire_once_across_kill_9(
     first.start()
     replayed = run_cli(env, "replay", "--quiet", str(tmp_path / "history.jsonl"))
     assert replayed.returncode == 0, replayed.stderr
-    wait_drained(broker, len(workload.records), [first])
-    wait_settled(aof_redis, LATENESS_S, [first])
+    settle(broker, aof_redis, len(workload.records), [first], LATENESS_S)
     first.stop(timeout=30)
 
     until = workload.last_event + DOWNTIME
@@ -98,8 +96,7 @@ def test_timers_due_while_down_fire_once_across_kill_9(
 
     last = make_worker(env, name="last")
     last.start()
-    wait_drained(broker, len(workload.records) + PARTITIONS, [last])
-    wait_settled(aof_redis, LATENESS_S, [last])
+    settle(broker, aof_redis, len(workload.records) + PARTITIONS, [last], LATENESS_S)
     report = verify(
         "timer-crash", env, broker, aof_redis, workload, policy[1], LATENESS_S, as_of=until
     )

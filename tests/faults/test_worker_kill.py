@@ -23,16 +23,15 @@ from memberflow.services import LocalBroker, LocalRedis, WorkerProcess
 from tests.faults.harness import (
     DAY,
     PARTITIONS,
-    Feeder,
     KillSwitch,
     alive,
+    feeding,
     make_workload,
     pending_outboxes,
     seeded_rng,
+    settle,
     tick,
     verify,
-    wait_drained,
-    wait_settled,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -58,14 +57,12 @@ def test_worker_kill_9_under_load_loses_and_doubles_nothing(
     worker = make_worker(env)
     worker.start()
 
-    feeder = Feeder(broker.bootstrap, workload.records, rate=len(workload.records) / FEED_S)
-    feeder.start()
     # Random moments, and moments picked by Redis keyspace events (KillSwitch): inside a save
     # pipeline, after an outbox write and before producing it, and after producing an outbox
     # and before clearing it (its re-send gives duplicate ids on the topic).
     plans = [None, ("state", 0.0), ("outbox", rng.uniform(0.0, 0.003)), ("produced", 0.0), None]
     kills: list[str] = []
-    try:
+    with feeding(broker.bootstrap, workload.records, FEED_S) as feeder:
         for number, plan in enumerate(plans, start=1):
             time.sleep(rng.uniform(0.5, 4.0))  # long enough, at times, for offsets to commit
             alive([worker])
@@ -86,14 +83,10 @@ def test_worker_kill_9_under_load_loses_and_doubles_nothing(
                 f"{len(pending_outboxes(aof_redis))} outboxes pending"
             )
             worker.start()
-        feeder.finish()
-    finally:
-        feeder.halt()
     faults_done = time.monotonic()
 
     tick(env, workload.last_event)  # every partition's clock to the end: its timers fire
-    wait_drained(broker, len(workload.records) + PARTITIONS, [worker])
-    wait_settled(aof_redis, LATENESS_S, [worker])
+    settle(broker, aof_redis, len(workload.records) + PARTITIONS, [worker], LATENESS_S)
     report = verify(
         "worker-kill", env, broker, aof_redis, workload, policy[1], lateness_s=LATENESS_S
     )
