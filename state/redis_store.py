@@ -421,14 +421,13 @@ class RedisStore:
         versions: dict[str, int],
         timers: dict[str, TimerEntry],
     ) -> None:
-        clear = versions
         if not self.cluster:
-            await self._confirm_single(clear, timers)
+            await self._confirm_single(versions, timers)
             return
-        if clear:
+        if versions:
             await self._run_scripts(
                 CLEAR_OUTBOX_LUA,
-                [(keys.customer(cid), (version,)) for cid, version in clear.items()],
+                [(keys.customer(cid), (version,)) for cid, version in versions.items()],
             )
         if not any(entry.due is not None for entry in timers.values()):
             return

@@ -354,23 +354,7 @@ def check_snapshot_equals_batch(
 def test_compute_snapshot_equals_a_batch_snapshot_of_the_latest_contributions(
     make_store: StoreFactory, case: tuple[list[list[Contribution]], list[Values]]
 ) -> None:
-    batches, latest = case
-
-    async def body(store: Store) -> None:
-        for batch in batches:
-            await store.contribute(batch)
-        incremental = await compute_snapshot(store, version=9, published_at=123)
-        assert incremental is not None
-        reference = batch_snapshot(latest, version=9, published_at=123)
-        assert incremental.customers == reference.customers == len(latest)
-        assert incremental.cuts == reference.cuts
-        for d in "rfm":
-            assert incremental.means[d] == pytest.approx(reference.means[d], rel=1e-9, abs=0)
-            assert incremental.mean_scores[d] == pytest.approx(
-                reference.mean_scores[d], rel=1e-9, abs=0
-            )
-
-    run(make_store, body)
+    check_snapshot_equals_batch(make_store, case)
 
 
 def test_compute_snapshot_of_an_empty_store(make_store: StoreFactory) -> None:
