@@ -69,132 +69,117 @@ def interval_for(category: str, policy: Policy, learned: dict[str, int]) -> tupl
     return rule.interval_days, "configured"
 
 
-def pending_timers(
-    state: CustomerState,
-    policy: Policy,
-    learned: dict[str, int] | None = None,
-    describe: bool = True,
-) -> list[Timer]:
-    """The customer's timers, earliest first. `describe=False` leaves `reason` empty: the hot
-    path (next due time, firing) asks several times per event and never shows it."""
-    learned = learned or {}
-    timers: list[Timer] = []
+# (due, kind order, is the downgrade, key, kind, anchor): sorts in fire order as it stands.
+_Spec = tuple[int, int, bool, str, str, int]
+
+
+def _specs(state: CustomerState, policy: Policy, learned: dict[str, int]) -> list[_Spec]:
+    """The customer's timers as plain tuples: the hot path asks for them several times per
+    event (is anything due? when is the next one?) and never shows them."""
+    specs: list[_Spec] = []
     if state.buckets:
         oldest = min(state.buckets)
-        timers.append(
-            Timer(
-                "window_expiry",
-                "window",
-                (oldest + policy.window_days) * DAY,
-                f"purchases of {_date(oldest * DAY)} leave the {policy.window_days}-day window"
-                if describe
-                else "",
-                oldest,
-            )
+        specs.append(
+            ((oldest + policy.window_days) * DAY, 0, False, "window", "window_expiry", oldest)
         )
-    downgrade_at = downgrade_due(state, policy)
-    if downgrade_at is not None:
-        assert state.below_since is not None
-        warn_at = downgrade_at - policy.tier_changes.warning_days * DAY
-        if state.warned_for != state.below_since and warn_at < downgrade_at:
-            timers.append(
-                Timer(
-                    "tier",
-                    "tier_warning",
-                    max(warn_at, state.below_since),
-                    f"{state.tier} downgrade warning, {policy.tier_changes.warning_days} days ahead"
-                    if describe
-                    else "",
-                    state.below_since,
-                )
-            )
-        timers.append(
-            Timer(
-                "tier",
-                "tier_downgrade",
-                downgrade_at,
-                f"below {state.tier}'s entry rule since {iso(state.below_since)}: downgrade after "
-                f"{policy.tier_changes.grace_days} days of grace"
-                if describe
-                else "",
-                state.below_since,
-            )
-        )
+    below = state.below_since
+    if below is not None:
+        downgrade_at = downgrade_due(state, policy)
+        if downgrade_at is not None:
+            warn_at = downgrade_at - policy.tier_changes.warning_days * DAY
+            if state.warned_for != below and warn_at < downgrade_at:
+                specs.append((max(warn_at, below), 1, False, "tier_warning", "tier", below))
+            specs.append((downgrade_at, 1, True, "tier_downgrade", "tier", below))
     last = state.last_purchase_at
     if last is not None:
-        stage = Stage(state.stage)
+        stage = state.stage
         cycle = policy.lifecycle
-        if stage in (Stage.NEW, Stage.ACTIVE, Stage.REACTIVATED):
-            timers.append(
-                Timer(
-                    "lifecycle",
-                    "at_risk",
-                    last + cycle.at_risk_after_days * DAY,
-                    f"at risk after {cycle.at_risk_after_days} days without a purchase"
-                    if describe
-                    else "",
-                    last,
-                )
+        if stage in _LAPSING:
+            specs.append(
+                (last + cycle.at_risk_after_days * DAY, 2, False, "at_risk", "lifecycle", last)
             )
-        elif stage is Stage.AT_RISK:
-            timers.append(
-                Timer(
-                    "lifecycle",
-                    "churned",
-                    last + cycle.churned_after_days * DAY,
-                    f"churned after {cycle.churned_after_days} days without a purchase"
-                    if describe
-                    else "",
-                    last,
-                )
+        elif stage == Stage.AT_RISK:
+            specs.append(
+                (last + cycle.churned_after_days * DAY, 2, False, "churned", "lifecycle", last)
             )
         if policy.win_back is not None and state.win_back_for != last:
             deferred = state.deferred.get("win_back")
             due = last + policy.win_back.after_days * DAY
             if deferred is not None and deferred[0] == last:
                 due = deferred[1]
-            timers.append(
-                Timer(
-                    "win_back",
-                    "win_back",
-                    due,
-                    f"win-back offer after {policy.win_back.after_days} days without a purchase"
-                    if describe
-                    else "",
-                    last,
-                )
-            )
-    for category, (bought_at, _count) in sorted(state.categories.items()):
-        rule = policy.repurchase.categories.get(category)
+            specs.append((due, 3, False, "win_back", "win_back", last))
+    rules = policy.repurchase.categories
+    for category, (bought_at, _count) in state.categories.items():
+        rule = rules.get(category)
         if rule is None or state.reminded.get(category) == bought_at:
             continue
-        interval, source = interval_for(category, policy, learned)
+        interval, _ = interval_for(category, policy, learned)
         due = bought_at + max(1, interval - rule.lead_days) * DAY
-        deferred = state.deferred.get(f"reminder:{category}")
+        key = f"reminder:{category}"
+        deferred = state.deferred.get(key)
         if deferred is not None and deferred[0] == bought_at:
             due = deferred[1]
-        timers.append(
-            Timer(
-                "repurchase_reminder",
-                f"reminder:{category}",
-                due,
-                f"{category} is rebought every {interval} days ({source}): remind "
-                f"{rule.lead_days} days before"
-                if describe
-                else "",
-                bought_at,
-            )
+        specs.append((due, 4, False, key, "repurchase_reminder", bought_at))
+    return specs
+
+
+_LAPSING = frozenset({Stage.NEW, Stage.ACTIVE, Stage.REACTIVATED})
+
+
+def _timer(spec: _Spec) -> Timer:
+    due, _, _, key, kind, anchor = spec
+    return Timer(kind, key, due, "", anchor)
+
+
+def _reason(timer: Timer, state: CustomerState, policy: Policy, learned: dict[str, int]) -> str:
+    """Why a timer exists, for `memberflow customer` and the API."""
+    if timer.kind == "window_expiry":
+        return f"purchases of {_date(timer.anchor * DAY)} leave the {policy.window_days}-day window"
+    if timer.key == "tier_warning":
+        return f"{state.tier} downgrade warning, {policy.tier_changes.warning_days} days ahead"
+    if timer.key == "tier_downgrade":
+        return (
+            f"below {state.tier}'s entry rule since {iso(state.below_since)}: downgrade after "
+            f"{policy.tier_changes.grace_days} days of grace"
         )
-    # A warning due with its downgrade (no grace left) goes first, or it would never go out.
-    timers.sort(key=lambda t: (t.due, _KIND_ORDER[t.kind], t.key == "tier_downgrade", t.key))
+    if timer.key == "at_risk":
+        days = policy.lifecycle.at_risk_after_days
+        return f"at risk after {days} days without a purchase"
+    if timer.key == "churned":
+        days = policy.lifecycle.churned_after_days
+        return f"churned after {days} days without a purchase"
+    if timer.kind == "win_back":
+        assert policy.win_back is not None
+        return f"win-back offer after {policy.win_back.after_days} days without a purchase"
+    category = timer.key.split(":", 1)[1]
+    interval, source = interval_for(category, policy, learned)
+    lead = policy.repurchase.categories[category].lead_days
+    return f"{category} is rebought every {interval} days ({source}): remind {lead} days before"
+
+
+def pending_timers(
+    state: CustomerState,
+    policy: Policy,
+    learned: dict[str, int] | None = None,
+    describe: bool = True,
+) -> list[Timer]:
+    """The customer's timers, earliest first (a warning due with its downgrade, no grace
+    left, goes first, or it would never go out). `describe=False` leaves `reason` empty."""
+    learned = learned or {}
+    timers = [_timer(spec) for spec in sorted(_specs(state, policy, learned))]
+    if describe:
+        timers = [
+            Timer(t.kind, t.key, t.due, _reason(t, state, policy, learned), t.anchor)
+            for t in timers
+        ]
     return timers
 
 
 def next_due(
     state: CustomerState, policy: Policy, learned: dict[str, int] | None = None
 ) -> int | None:
-    timers = pending_timers(state, policy, learned, describe=False)
-    return timers[0].due if timers else None
+    specs = _specs(state, policy, learned or {})
+    return min(specs)[0] if specs else None
 
 
 def advance(
@@ -207,13 +192,13 @@ def advance(
     effects: list[tuple[str, str]] = []
     fired: list[Timer] = []
     for _ in range(MAX_FIRINGS):
-        working = current or state
-        due = [t for t in pending_timers(working, policy, learned, describe=False) if t.due <= now]
-        if not due:
+        specs = _specs(current or state, policy, learned)
+        first = min(specs) if specs else None
+        if first is None or first[0] > now:
             break
         if current is None:
             current = state.copy()
-        timer = due[0]
+        timer = _timer(first)
         fired.append(timer)
         outcome, notification = _fire(current, timer, policy, learned)
         effects.append((timer.kind, outcome))

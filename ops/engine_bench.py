@@ -1,0 +1,120 @@
+"""The engine alone, in-process, against a real redis-server: CPU per event of the domain work.
+
+ops/benchmark.py measures whole worker processes behind a broker; this isolates what the
+engine costs (decode, fold, timers, relabelling, notifications, state encoding, the batch's
+Redis scripts, confirm) so a change to the hot path can be measured in seconds, and profiled:
+
+    python ops/engine_bench.py                      # 60,000 events of 3,000 customers
+    python ops/engine_bench.py --profile 25         # plus the 25 costliest functions (cProfile)
+
+The events are ops/benchmark.py's own (history_payloads), in batches of --batch, each batch
+followed by a firing of the timers due at its time, as a worker does. Prints events/s, CPU
+microseconds per event and per notification; --json writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import pstats
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memberflow.engine import Engine, RawMessage  # noqa: E402
+from memberflow.policy_file import load_policy  # noqa: E402
+from memberflow.services import LocalRedis  # noqa: E402
+from memberflow.settings import default_rules_file  # noqa: E402
+from ops.benchmark import history_payloads  # noqa: E402
+from rules.customer import DAY  # noqa: E402
+from state.redis_store import RedisStore, connect  # noqa: E402
+
+PARTITIONS = 4
+
+
+async def drive(
+    engine: Engine,
+    payloads: Sequence[tuple[bytes, bytes]],
+    batch: int,
+) -> dict[str, int]:
+    counts = {"applied": 0, "notifications": 0, "timers_fired": 0}
+    offsets = [0] * PARTITIONS
+    for start in range(0, len(payloads), batch):
+        messages = []
+        for key, value in payloads[start : start + batch]:
+            partition = hash(key) % PARTITIONS
+            messages.append(RawMessage("bench", partition, offsets[partition], key, value))
+            offsets[partition] += 1
+        outcome = await engine.process(messages)
+        await engine.confirm(outcome)
+        counts["applied"] += outcome.applied
+        counts["notifications"] += len(outcome.notifications)
+        for shard in range(PARTITIONS):
+            more = True
+            while more:
+                due = await engine.process_due(shard, limit=100)
+                await engine.confirm(due)
+                counts["timers_fired"] += due.timers_fired
+                counts["notifications"] += len(due.notifications)
+                more = due.more_due
+    return counts
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    payloads = history_payloads(args.events, args.customers, seed=7, end=time.time() - DAY)
+    with LocalRedis() as redis:
+        client = connect(redis.url)
+        store = RedisStore(client)
+        # Event time, as ops/benchmark.py runs workers: the history's timers fall due as
+        # the events move each shard's clock.
+        engine = Engine(store, load_policy(default_rules_file()), clock_mode="event")
+        profiler = cProfile.Profile() if args.profile else None
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        if profiler:
+            profiler.enable()
+        counts = await drive(engine, payloads, args.batch)
+        if profiler:
+            profiler.disable()
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        await store.close()
+    result = {
+        "events": len(payloads),
+        "customers": args.customers,
+        "batch": args.batch,
+        **counts,
+        "events_per_s": round(len(payloads) / wall),
+        "cpu_us_per_event": round(cpu * 1e6 / len(payloads), 1),
+        "notifications_per_event": round(counts["notifications"] / len(payloads), 3),
+    }
+    print(json.dumps(result, indent=2))
+    if profiler:
+        pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.profile)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=60_000, help="purchases (default 60,000)")
+    parser.add_argument("--customers", type=int, default=3_000, help="customers (default 3,000)")
+    parser.add_argument("--batch", type=int, default=500, help="events per batch (default 500)")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print the N costliest functions"
+    )
+    parser.add_argument(
+        "--sort", default="tottime", help="profile order: tottime (default) or cumulative"
+    )
+    parser.add_argument("--json", help="also write the figures to this file")
+    asyncio.run(run(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
