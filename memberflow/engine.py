@@ -276,7 +276,7 @@ class Engine:
                 rejection = decision.rejection
                 if decision.duplicate:
                     fold.duplicates += 1
-                    fold.clock_times.append(epoch(event.occurred_at))
+                    fold.clock_times.append(event.at)
                 elif rejection is None:
                     if moved is not None and moved.changed:
                         notifications.extend(moved.notifications)
@@ -286,10 +286,10 @@ class Engine:
                     fold.effects.extend(decision.effects)
                     fold.gaps.extend(decision.gaps)
                     fold.applied += 1
-                    fold.applied_times.append(epoch(event.occurred_at))
-                    fold.clock_times.append(epoch(event.occurred_at))
+                    fold.applied_times.append(event.at)
+                    fold.clock_times.append(event.at)
                     fold.now = max(fold.now, now)
-                    cause = Cause(kind="event", id=event.event_id)
+                    cause = event.cause
             if rejection is not None:
                 fold.rejected.append((message, rejection))
         changed = fold.applied > 0 or bool(fold.effects)

@@ -27,13 +27,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memberflow.engine import Engine, RawMessage  # noqa: E402
-from memberflow.policy_file import load_policy  # noqa: E402
-from memberflow.services import LocalRedis  # noqa: E402
-from memberflow.settings import default_rules_file  # noqa: E402
-from ops.benchmark import history_payloads  # noqa: E402
-from rules.customer import DAY  # noqa: E402
-from state.redis_store import RedisStore, connect  # noqa: E402
+from memberflow.engine import Engine, RawMessage
+from memberflow.policy_file import load_policy
+from memberflow.services import LocalRedis
+from memberflow.settings import default_rules_file
+from ops.benchmark import history_payloads
+from rules.customer import DAY
+from state.redis_store import RedisStore, connect
 
 PARTITIONS = 4
 
@@ -82,6 +82,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if profiler:
             profiler.disable()
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        if profiler:
+            pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.profile)
         await store.close()
     result = {
         "events": len(payloads),
@@ -92,11 +94,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_us_per_event": round(cpu * 1e6 / len(payloads), 1),
         "notifications_per_event": round(counts["notifications"] / len(payloads), 3),
     }
-    print(json.dumps(result, indent=2))
-    if profiler:
-        pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.profile)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -112,7 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sort", default="tottime", help="profile order: tottime (default) or cumulative"
     )
     parser.add_argument("--json", help="also write the figures to this file")
-    asyncio.run(run(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    result = asyncio.run(run(args))
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -227,14 +227,14 @@ def evaluation_time(
     if clock_mode == "wall":
         return wall_now
     latest = state.latest_event_at if state and state.latest_event_at is not None else 0
-    return max(latest, epoch(event.occurred_at))
+    return max(latest, event.at)
 
 
 def screen(event: InputEvent, policy: Policy, now: int, wall_now: int) -> Rejection | None:
     """Policy checks on an event that parsed: currency, and how old or how far ahead it is."""
     if event.currency not in policy.currencies:
         return Rejection(reason=RejectReason.UNKNOWN_CURRENCY, detail=event.currency)
-    occurred = epoch(event.occurred_at)
+    occurred = event.at
     skew = policy.input.max_future_skew_minutes * 60
     # Details quote the event's own time: iso(occurred) fails when its UTC year is out of range
     # (0001-01-01T00:00:00+05:00 is year 0 in UTC).
@@ -262,7 +262,7 @@ def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: i
             state, rejection=Rejection(reason=RejectReason.UNKNOWN_CURRENCY, detail=event.currency)
         )
     key = event_key(event.event_id)
-    occurred = epoch(event.occurred_at)
+    occurred = event.at
     day = occurred // DAY
     previous = current.seen.get(key)
     if previous is not None:
@@ -294,20 +294,20 @@ def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: i
     new.lifetime_spend += amount
     orders, spend = new.buckets.get(day, (0, 0))
     new.buckets[day] = [orders + 1, spend + amount]
-    for category in event.categories():
+    for category in event.categories:
         entry = new.categories.get(category)
         if entry is None:
             new.categories[category] = [occurred, 1]
         else:
             new.categories[category] = [max(entry[0], occurred), entry[1] + 1]
     expire(new, policy, now)
-    effects = _settle_superseded(current, new, event.categories(), policy)
-    notifications = evaluate_tier(new, policy, now, _event_cause(event))
+    effects = _settle_superseded(current, new, event.categories, policy)
+    notifications = evaluate_tier(new, policy, now, event.cause)
     stage_change = _stage_after_purchase(new, previous_last, occurred, now, policy, event)
     # Only categories with a repurchase rule: nothing else reads them (intervals, learning).
     gaps = tuple(
         (category, round((occurred - old[0]) / DAY))
-        for category in event.categories()
+        for category in event.categories
         if category in policy.repurchase.categories
         and (old := current.categories.get(category)) is not None
         and occurred - old[0] >= DAY
@@ -378,7 +378,7 @@ def _stage_after_purchase(
             after,
             now,  # like tier_since: the evaluation time, so any order gives the same state
             policy,
-            Cause(kind="event", id=event.event_id),
+            event.cause,
             reason=reasons[after],
             inputs={
                 "lifetime_orders": state.lifetime_orders,
@@ -460,7 +460,7 @@ def _apply_refund(
             ),
         )
     new = current.copy()
-    occurred = epoch(event.occurred_at)
+    occurred = event.at
     new.seen[key] = [_REFUND, day, amount, 0]
     new.seen[event_key(event.refund_of)] = [
         _PURCHASE,
@@ -480,7 +480,7 @@ def _apply_refund(
         new.buckets[purchase_day] = [bucket[0] - (1 if whole else 0), bucket[1] - amount]
     expire(new, policy, now)
     # A refund never downgrades at once: it may start the grace period (tier_changes policy).
-    return Decision(new, notifications=evaluate_tier(new, policy, now, _event_cause(event)))
+    return Decision(new, notifications=evaluate_tier(new, policy, now, event.cause))
 
 
 def expire(state: CustomerState, policy: Policy, now: int) -> None:
@@ -506,10 +506,6 @@ def notification_id(customer_id: str, kind: str, rule: str, cause: str) -> str:
     """Deterministic: the same decision for the same cause always has the same id."""
     text = f"{customer_id}|{kind}|{rule}|{cause}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _event_cause(event: InputEvent) -> Cause:
-    return Cause(kind="event", id=event.event_id)
 
 
 def _tier_inputs(policy: Policy, orders: int, spend: int, now: int) -> dict[str, Any]:

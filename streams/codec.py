@@ -35,6 +35,10 @@ def _non_finite(name: str) -> Any:
     return Decimal(name)
 
 
+# One decoder for every message: json.loads with these options builds a new one per call.
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_non_finite)
+
+
 def decode_event(raw: bytes | None) -> InputEvent | Tick | Rejection:
     """Parse one input message. Never raises: every failure is a Rejection with a reason."""
     if not raw:
@@ -45,7 +49,9 @@ def decode_event(raw: bytes | None) -> InputEvent | Tick | Rejection:
         )
     try:
         # Decimal keeps "19.99" exact; floats would make sums depend on order.
-        obj = json.loads(raw, parse_float=Decimal, parse_constant=_non_finite)
+        # What json.loads does with bytes: any UTF of JSON, lone surrogates kept for the schema
+        # check to refuse.
+        obj = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (ValueError, UnicodeDecodeError) as exc:
         return Rejection(reason=RejectReason.MALFORMED_JSON, detail=str(exc)[:200])
     except RecursionError:

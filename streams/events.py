@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from functools import cached_property
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -33,7 +34,26 @@ class Item(_Frozen):
     unit_price: Money | None = None
 
 
-class Purchase(_Frozen):
+class _Event(_Frozen):
+    """What every input event has; the derived values are computed once per event (the fold
+    asks for them several times)."""
+
+    if TYPE_CHECKING:  # declared by each event (pydantic keeps a model's own field order)
+        event_id: str
+        occurred_at: datetime
+
+    @cached_property
+    def at(self) -> int:
+        """`occurred_at` in epoch seconds."""
+        return int(self.occurred_at.timestamp())
+
+    @cached_property
+    def cause(self) -> Cause:
+        """What a notification caused by this event names as its cause."""
+        return Cause(kind="event", id=self.event_id)
+
+
+class Purchase(_Event):
     """A completed order. `event_id` is the idempotency key across redelivery and replays."""
 
     type: Literal["purchase"] = "purchase"
@@ -46,11 +66,12 @@ class Purchase(_Frozen):
     items: tuple[Item, ...] = ()
     channel: Label | None = None
 
+    @cached_property
     def categories(self) -> tuple[str, ...]:
         return tuple(sorted({item.category for item in self.items}))
 
 
-class Refund(_Frozen):
+class Refund(_Event):
     """A refund or return of (part of) an earlier purchase, named by its event id."""
 
     type: Literal["refund"] = "refund"

@@ -76,7 +76,7 @@ def test_purchase_round_trips_through_encode_and_decode() -> None:
     decoded = decode_event(encode_model(purchase))
     assert decoded == purchase
     assert isinstance(decoded, Purchase)
-    assert decoded.categories() == ("diapers", "formula")
+    assert decoded.categories == ("diapers", "formula")
 
 
 def test_refund_round_trips_through_encode_and_decode() -> None:

@@ -863,7 +863,7 @@ def test_window_and_lifetime_equal_a_direct_computation(
     assert state.latest_event_at == max(times)
     expected_categories: dict[str, list[int]] = {}
     for event, when in zip(events, times, strict=True):
-        for category in set(event.categories()):
+        for category in set(event.categories):
             last, count = expected_categories.get(category, [when, 0])
             expected_categories[category] = [max(last, when), count + 1]
     assert state.categories == expected_categories
