@@ -977,8 +977,8 @@ def measure_memory(bench: Bench, used_before: int, sample: int = 300) -> dict[st
             if state:
                 doc = json.loads(state)
                 state_bytes.append(len(state))
-                seen_bytes.append(len(json.dumps(doc["s"], separators=(",", ":"))))
-                seen_entries.append(len(doc["s"]))
+                seen_bytes.append(len(json.dumps(doc.get("s", {}), separators=(",", ":"))))
+                seen_entries.append(len(doc.get("s", {})))
             if taken >= per_node:
                 break
     # The keys that are not customer hashes (timer indexes, population statistics, clocks...):

@@ -142,26 +142,32 @@ class CustomerState:
         doc: dict[str, Any] = {
             "f": STATE_FORMAT,
             "id": self.customer_id,
-            "fp": self.first_purchase_at,
-            "lp": self.last_purchase_at,
-            "le": self.latest_event_at,
             "lo": self.lifetime_orders,
             "ls": self.lifetime_spend,
-            "b": self.buckets,
-            "c": self.categories,
-            "s": self.seen,
             "t": self.tier,
-            "ts": self.tier_since,
             "st": self.stage,
-            "ss": self.stage_since,
-            "r": self.reminded,
-            "d": self.deferred,
-            "m": self.marketing_sent,
-            "w": self.win_back_for,
-            "bs": self.below_since,
-            "sg": self.segment,
-            "wf": self.warned_for,
         }
+        # Absent means None or empty: this is what Redis holds per customer, and most
+        # customers have no deferral, no win-back, no grace period, no reminder settled yet.
+        for name, value in (
+            ("fp", self.first_purchase_at),
+            ("lp", self.last_purchase_at),
+            ("le", self.latest_event_at),
+            ("b", self.buckets),
+            ("c", self.categories),
+            ("s", self.seen),
+            ("ts", self.tier_since),
+            ("ss", self.stage_since),
+            ("r", self.reminded),
+            ("d", self.deferred),
+            ("m", self.marketing_sent),
+            ("w", self.win_back_for),
+            ("bs", self.below_since),
+            ("sg", self.segment),
+            ("wf", self.warned_for),
+        ):
+            if value is not None and value != {} and value != []:
+                doc[name] = value
         # pydantic-core's encoder (Rust): 5x json.dumps here, and this runs for every customer
         # a batch touches. Key order is insertion order: equal states parse equal, the text
         # need not be byte-identical.
@@ -172,27 +178,28 @@ class CustomerState:
         doc = from_json(text)
         if doc.get("f") != STATE_FORMAT:
             raise ValueError(f"unknown customer state format {doc.get('f')!r}")
+        get = doc.get
         return cls(
             customer_id=doc["id"],
-            first_purchase_at=doc["fp"],
-            last_purchase_at=doc["lp"],
-            latest_event_at=doc["le"],
+            first_purchase_at=get("fp"),
+            last_purchase_at=get("lp"),
+            latest_event_at=get("le"),
             lifetime_orders=doc["lo"],
             lifetime_spend=doc["ls"],
-            buckets={int(day): v for day, v in doc["b"].items()},
-            categories=doc["c"],
-            seen=doc["s"],
+            buckets={int(day): v for day, v in get("b", {}).items()},
+            categories=get("c", {}),
+            seen=get("s", {}),
             tier=doc["t"],
-            tier_since=doc["ts"],
-            stage=doc.get("st", Stage.NEW if doc["lo"] else Stage.POTENTIAL),
-            stage_since=doc.get("ss"),
-            reminded=doc.get("r", {}),
-            deferred=doc.get("d", {}),
-            marketing_sent=doc.get("m", []),
-            win_back_for=doc.get("w"),
-            below_since=doc.get("bs"),
-            segment=doc.get("sg"),
-            warned_for=doc.get("wf"),
+            tier_since=get("ts"),
+            stage=get("st", Stage.NEW if doc["lo"] else Stage.POTENTIAL),
+            stage_since=get("ss"),
+            reminded=get("r", {}),
+            deferred=get("d", {}),
+            marketing_sent=get("m", []),
+            win_back_for=get("w"),
+            below_since=get("bs"),
+            segment=get("sg"),
+            warned_for=get("wf"),
         )
 
 

@@ -198,9 +198,9 @@ def sample_state(server: LocalRedis, day: int, published: int, worker: WorkerPro
         dbsize=dbsize,
         groups=groups,
         state_bytes=sum(len(raw) for raw in encoded),  # HSTRLEN of each `s`
-        seen_mean=sum(len(s["s"]) for s in states) / max(len(states), 1),
-        seen_max=max((len(s["s"]) for s in states), default=0),
-        buckets_max=max((len(s["b"]) for s in states), default=0),
+        seen_mean=sum(len(s.get("s", {})) for s in states) / max(len(states), 1),
+        seen_max=max((len(s.get("s", {})) for s in states), default=0),
+        buckets_max=max((len(s.get("b", {})) for s in states), default=0),
         others_max=max(
             (max(len(s["c"]), len(s["r"]), len(s["d"]), len(s["m"])) for s in states),
             default=0,
@@ -231,7 +231,7 @@ def check_seen(server: LocalRedis, rows: Sequence[Mapping[str, Any]], until: int
         for cid in bound:
             pipe.hget(keys.customer(cid), "s")
         held = {
-            cid: len(json.loads(raw)["s"]) for cid, raw in zip(bound, pipe.execute(), strict=True)
+            cid: len(json.loads(raw).get("s", {})) for cid, raw in zip(bound, pipe.execute(), strict=True)
         }
     over = {cid: (held[cid], bound[cid]) for cid in bound if held[cid] > bound[cid]}
     assert not over, (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -898,3 +899,18 @@ def test_refunds_never_exceed_the_purchase_and_return_the_order_once(
         0 if returned else 1,
         minor(paid - refunded),
     )
+
+
+def test_state_json_leaves_out_what_is_empty() -> None:
+    """Redis holds this text per customer: a field that is None or empty takes no bytes, and a
+    document without it reads back as the same state."""
+    state = new_customer("c", POLICY)
+    assert json.loads(state.to_json()) == {
+        "f": 1,
+        "id": "c",
+        "lo": 0,
+        "ls": 0,
+        "t": state.tier,
+        "st": "potential",
+    }
+    assert CustomerState.from_json(state.to_json()) == state
