@@ -49,8 +49,9 @@ class _Event(_Frozen):
 
     @cached_property
     def cause(self) -> Cause:
-        """What a notification caused by this event names as its cause."""
-        return Cause(kind="event", id=self.event_id)
+        """What a notification caused by this event names as its cause (the id was validated
+        with the event: nothing to check again)."""
+        return Cause.model_construct(kind="event", id=self.event_id)
 
 
 class Purchase(_Event):

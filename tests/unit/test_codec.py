@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.codec import MAX_MESSAGE_BYTES, decode_event, encode_model
-from streams.events import Item, Purchase, Refund, Rejection, RejectReason
+from streams.events import Cause, Item, Purchase, Refund, Rejection, RejectReason
 
 AT = "2026-03-04T05:06:07+01:00"
 
@@ -77,6 +77,10 @@ def test_purchase_round_trips_through_encode_and_decode() -> None:
     assert decoded == purchase
     assert isinstance(decoded, Purchase)
     assert decoded.categories == ("diapers", "formula")
+    # Derived once per event, equal to what they derive from.
+    assert decoded.at == int(purchase.occurred_at.timestamp())
+    assert decoded.cause == Cause(kind="event", id=purchase.event_id)
+    assert decoded.model_dump() == purchase.model_dump()  # nothing derived is serialised
 
 
 def test_refund_round_trips_through_encode_and_decode() -> None:
