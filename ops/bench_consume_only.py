@@ -10,6 +10,10 @@ body. BENCH_MODE picks the agent:
   batching and manual acks, with no work in between.
 * ``default`` - ``async for value in stream``: Faust's default, one event at a time, auto ack.
 
+BENCH_FAUST_PATH=stock builds the app with Faust's own consumer path (faust_app(fast_path=False):
+every fetched message delivered through wait_first's four tasks, the full Monitor), to measure
+what memberflow's fast path saves; the default (``fast``) is the worker's.
+
 Progress goes to the JSON file named by BENCH_STATUS_FILE (rewritten every 0.1 s):
 ``count`` events done, ``first_t``/``first_count`` when and how many after the first unit of
 work (event or batch) completed, ``last_t`` when the latest one completed (epoch seconds).
@@ -62,7 +66,10 @@ class Progress:
 
 def make_app(settings: Settings, name_suffix: str = "") -> faust.App:
     """A faust.App configured exactly like the memberflow worker's (memberflow.app.faust_app)."""
-    return faust_app(settings, settings.app_id + name_suffix)
+    path = os.environ.get("BENCH_FAUST_PATH", "fast")
+    if path not in ("fast", "stock"):
+        raise SystemExit(f"BENCH_FAUST_PATH must be fast or stock, not {path!r}")
+    return faust_app(settings, settings.app_id + name_suffix, fast_path=path == "fast")
 
 
 def purchases_topic(app: faust.App, settings: Settings) -> Any:

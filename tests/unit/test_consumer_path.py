@@ -1,0 +1,126 @@
+"""memberflow's cheaper Faust consumer path (memberflow/app.py): inline delivery and LeanMonitor."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+from typing import Any
+
+import pytest
+from faust.sensors import Monitor
+from faust.transport.consumer import Consumer as BaseConsumer
+from faust.transport.drivers import aiokafka as driver
+
+from memberflow import app as app_module
+from memberflow.app import LeanMonitor, _resume, faust_app
+from memberflow.settings import Settings
+
+# sha256 of faust-streaming 0.15.3's Consumer._drain_messages, which memberflow/app.py copies
+# with one change. A different Faust must be read again before this pin is moved.
+FAUST_DRAIN_MESSAGES = "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417"
+
+
+def test_the_copied_drain_loop_is_still_fausts() -> None:
+    source = inspect.getsource(BaseConsumer._drain_messages)
+    assert hashlib.sha256(source.encode()).hexdigest() == FAUST_DRAIN_MESSAGES
+    # the copy differs only in how the callback is awaited
+    copied = inspect.getsource(app_module._drain_messages)
+    assert "callback(message), self.suspend_flow.wait()" in source
+    assert "delivery.send(None)" in copied and "self.suspend_flow.wait()" in copied
+
+
+def test_faust_app_installs_the_fast_path_and_can_take_it_out() -> None:
+    settings = Settings()
+    try:
+        stock = faust_app(settings, "t-stock", fast_path=False)
+        assert driver.Consumer._drain_messages is BaseConsumer._drain_messages
+        assert type(stock.monitor) is Monitor
+        fast = faust_app(settings, "t-fast")
+        assert driver.Consumer._drain_messages is app_module._drain_messages
+        assert isinstance(fast.monitor, LeanMonitor)
+    finally:
+        faust_app(settings, "t-again")  # the default, as every worker builds it
+
+
+def test_lean_monitor_keeps_what_faust_reads() -> None:
+    monitor = LeanMonitor()
+    tp: Any = ("purchases", 3)
+    assert monitor.on_stream_event_in(tp, 7, None, None) is None
+    assert tp in monitor.stream_inbound_time  # Faust's stalled-stream warnings read this
+    monitor.on_message_in(tp, 7, None)
+    assert monitor.tp_read_offsets[tp] == 7
+    monitor.on_stream_event_out(tp, 7, None, None, None)
+    monitor.on_message_out(tp, 7, None)
+    assert monitor.messages_received_total == 0  # the per-event statistics are skipped
+
+
+async def _deliver(coro: Any) -> Any:
+    """What the drain loop does with one callback: an eager first step, a task if it waits."""
+    try:
+        pending = coro.send(None)
+    except StopIteration as done:
+        return ("inline", done.value)
+    return ("task", await asyncio.ensure_future(_resume(coro, pending)))
+
+
+def test_a_callback_that_does_not_wait_runs_inline() -> None:
+    async def callback() -> int:
+        await asyncio.gather()  # awaits, but an already finished future: no suspension
+        return 5
+
+    assert asyncio.run(_deliver(callback())) == ("inline", 5)
+
+
+def test_a_callback_that_waits_goes_on_in_a_task() -> None:
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[int] = loop.create_future()
+        seen = []
+
+        async def callback() -> int:
+            seen.append("first step")
+            await asyncio.sleep(0)  # a bare yield
+            value = await gate  # a future
+            seen.append("resumed")
+            return value + 1
+
+        loop.call_later(0.01, gate.set_result, 41)
+        result = await _deliver(callback())
+        return result, seen
+
+    assert asyncio.run(main()) == (("task", 42), ["first step", "resumed"])
+
+
+def test_errors_and_cancellation_reach_the_callback() -> None:
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        events: list[str] = []
+
+        async def blocked() -> None:
+            try:
+                await loop.create_future()  # never done, like a full stream buffer
+            except asyncio.CancelledError:
+                events.append("cancelled")
+                raise
+            finally:
+                events.append("cleaned up")
+
+        coro = blocked()
+        task = asyncio.ensure_future(_resume(coro, coro.send(None)))
+        await asyncio.sleep(0)
+        task.cancel()  # what wait_first does when suspend_flow is set
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        async def failing() -> None:
+            await asyncio.sleep(0)
+            raise ValueError("bad")
+
+        coro2 = failing()
+        with pytest.raises(ValueError, match="bad"):
+            await asyncio.ensure_future(_resume(coro2, coro2.send(None)))
+        events.append("raised")
+        return events
+
+    assert asyncio.run(main()) == ["cancelled", "cleaned up", "raised"]
