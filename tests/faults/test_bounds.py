@@ -202,7 +202,7 @@ def sample_state(server: LocalRedis, day: int, published: int, worker: WorkerPro
         seen_max=max((len(s.get("s", {})) for s in states), default=0),
         buckets_max=max((len(s.get("b", {})) for s in states), default=0),
         others_max=max(
-            (max(len(s["c"]), len(s["r"]), len(s["d"]), len(s["m"])) for s in states),
+            (max(len(s.get(f, ())) for f in ("c", "r", "d", "m")) for s in states),
             default=0,
         ),
         rss=rss_bytes(worker.pid),
@@ -231,7 +231,8 @@ def check_seen(server: LocalRedis, rows: Sequence[Mapping[str, Any]], until: int
         for cid in bound:
             pipe.hget(keys.customer(cid), "s")
         held = {
-            cid: len(json.loads(raw).get("s", {})) for cid, raw in zip(bound, pipe.execute(), strict=True)
+            cid: len(json.loads(raw).get("s", {}))
+            for cid, raw in zip(bound, pipe.execute(), strict=True)
         }
     over = {cid: (held[cid], bound[cid]) for cid in bound if held[cid] > bound[cid]}
     assert not over, (
