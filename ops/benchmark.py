@@ -8,8 +8,11 @@ same consumer settings (session 6 s, rebalance 6 s, heartbeat 1 s, the same take
 wait, the same faust.App arguments as memberflow/app.py):
 
   (a)  a Faust agent that only consumes, with memberflow's ``noack_take`` batching and acks
-       (the framework ceiling; ops/bench_consume_only.py, BENCH_MODE=take);
-  (a') the same with Faust's default ``async for value in stream`` (BENCH_MODE=default);
+       and memberflow's tuned consumer path (memberflow.app.faust_app: inline delivery of
+       fetched messages, a Monitor without per-event stats): the framework ceiling
+       (ops/bench_consume_only.py, BENCH_MODE=take);
+  (a-stock) the same on Faust's own consumer path (BENCH_FAUST_PATH=stock);
+  (a') Faust's defaults: its own path and ``async for value in stream`` (BENCH_MODE=default);
   (b)  the naive design: one event at a time, 4 awaited Redis round trips per event
        (ops/bench_naive.py);
   (c)  memberflow itself: real ``memberflow worker`` processes (WorkerProcess), event clock,
@@ -749,7 +752,13 @@ def _read_status(path: Path) -> dict[str, Any] | None:
 
 
 def run_baseline(
-    bench: Bench, label: str, script: str, mode: str | None, topic: str, events: int
+    bench: Bench,
+    label: str,
+    script: str,
+    mode: str | None,
+    topic: str,
+    events: int,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run one baseline Faust app (in --workers processes) over `topic` until `events` done."""
     group = bench.new_group(label)
@@ -761,6 +770,7 @@ def run_baseline(
         env["BENCH_STATUS_FILE"] = str(status)
         if mode:
             env["BENCH_MODE"] = mode
+        env.update(extra_env or {})
         workdir = bench.tmp / f"{group}-{index}"
         processes.append(FaustProcess(OPS / script, env, workdir, name=label))
         statuses.append(status)
@@ -1516,8 +1526,9 @@ def report(results: dict[str, Any]) -> str:
     )
     runs = results.get("throughput", {})
     names = {
-        "a_take": "(a)  Faust consume-only, noack_take + ack",
-        "a_default": "(a') Faust consume-only, default iteration",
+        "a_take": "(a)  Faust consume-only, noack_take + ack, tuned consumer path",
+        "a_stock": "(a-stock) the same on Faust's own consumer path",
+        "a_default": "(a') Faust defaults: own path, default iteration",
         "b_naive": "(b)  naive: 1 event, 4 Redis round trips",
         "c_memberflow": "(c)  memberflow worker",
     }
@@ -1561,7 +1572,12 @@ def report(results: dict[str, Any]) -> str:
         )
         c = (runs.get("c_memberflow") or {}).get("events_per_s")
         ratios = []
-        for key, short in (("a_take", "a"), ("a_default", "a'"), ("b_naive", "b")):
+        for key, short in (
+            ("a_take", "a"),
+            ("a_stock", "a-stock"),
+            ("a_default", "a'"),
+            ("b_naive", "b"),
+        ):
             other = (runs.get(key) or {}).get("events_per_s")
             if c and other:
                 ratios.append(f"c/{short} = {c / other:.2f}")
@@ -1752,9 +1768,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--phases",
-        default="a,a-default,b,c,latency",
-        help="which of a, a-default, b, c, latency to run, or none (e.g. for a sweep alone; "
-        "default %(default)s)",
+        default="a,a-stock,a-default,b,c,latency",
+        help="which of a, a-stock, a-default, b, c, latency to run, or none (e.g. for a sweep "
+        "alone; default %(default)s)",
     )
     parser.add_argument(
         "--repeat",
@@ -1825,7 +1841,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--worker-env takes MEMBERFLOW_NAME=VALUE, not {item!r}")
         worker_env[name] = value
     args.worker_env = worker_env
-    unknown = args.phases - {"a", "a-default", "b", "c", "latency"}
+    unknown = args.phases - {"a", "a-stock", "a-default", "b", "c", "latency"}
     if unknown:
         parser.error(f"unknown phases: {sorted(unknown)}")
     if "latency" in args.phases and "c" not in args.phases:
@@ -1916,17 +1932,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["preload"] = preload(bench, topic, args.events, args.customers)
         events = args.events
 
+        stock = {"BENCH_FAUST_PATH": "stock"}  # Faust's own consumer path (no memberflow tuning)
         baselines = (
-            ("a", "a_take", "bench_consume_only.py", "take"),
-            ("a-default", "a_default", "bench_consume_only.py", "default"),
-            ("b", "b_naive", "bench_naive.py", None),
+            ("a", "a_take", "bench_consume_only.py", "take", {}),
+            ("a-stock", "a_stock", "bench_consume_only.py", "take", stock),
+            ("a-default", "a_default", "bench_consume_only.py", "default", stock),
+            ("b", "b_naive", "bench_naive.py", None, {}),
         )
-        for phase, key, script, mode in baselines:
+        for phase, key, script, mode, extra_env in baselines:
             if phase in args.phases:
                 with phase_errors(results, key):
                     bench.flushall()
                     runs = [
-                        run_baseline(bench, key, script, mode, topic, events)
+                        run_baseline(bench, key, script, mode, topic, events, extra_env)
                         for _ in range(args.repeat)
                     ]
                     results["throughput"][key] = median_run(runs)
