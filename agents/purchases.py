@@ -1,7 +1,8 @@
 """The purchases agent: raw bytes in, batches to the engine, outcome out, then ack.
 
 Acks are manual (noack_take): an offset is committed only after the batch's state is in Redis
-and its notifications and dead letters were acknowledged by the broker.
+and its notifications and dead letters were acknowledged by the broker. The broker's acks are
+awaited in the background (memberflow.app.Producing) while the next batch is processed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, cast
 
@@ -44,7 +46,10 @@ def register(app: faust.App, runtime: Runtime) -> None:
         partitions=settings.partitions,
     )
 
+    from memberflow.app import Producing  # the app imports the agents, not the other way
+
     positions: dict[faust.types.TP, int] = {}  # last processed offset per partition
+    producing = Producing(app, runtime, fatal=_die)
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:
@@ -60,8 +65,6 @@ def register(app: faust.App, runtime: Runtime) -> None:
     @app.timer(interval=settings.timer_poll_s)
     async def fire_timers() -> None:
         """Fire due timers of the partitions this worker owns (their customers are ours)."""
-        from memberflow.app import publish
-
         engine = runtime.engine()
         shards = sorted(
             tp.partition for tp in app.consumer.assignment() if tp.topic == settings.purchases_topic
@@ -77,9 +80,11 @@ def register(app: faust.App, runtime: Runtime) -> None:
                         # between them, and an event arriving meanwhile waits for one batch.
                         limit = 25 if runtime.events_flowing() else 100
                         outcome = await engine.process_due(shard, limit=limit)
-                        await publish(app, settings, outcome)
-                        await engine.confirm(outcome)
+                        confirmed = await producing.hand_over(outcome)
                         took = time.perf_counter() - started
+                    # Confirmed before the next poll of this shard: until then the index still
+                    # names the customers just fired.
+                    await confirmed
                     if not outcome.more_due:
                         break
                     if runtime.events_flowing():
@@ -118,8 +123,6 @@ def register(app: faust.App, runtime: Runtime) -> None:
 
     @app.agent(purchases, concurrency=1, name="memberflow.purchases")
     async def process_purchases(stream: faust.StreamT) -> None:
-        from memberflow.app import publish
-
         engine = runtime.engine()
         batches = cast(faust.Stream, stream).noack_take(
             settings.batch_max, within=settings.batch_within_s
@@ -137,21 +140,25 @@ def register(app: faust.App, runtime: Runtime) -> None:
                 for event in events
             ]
             try:
-                # One batch at a time per worker, events or timers: a timer batch reading a
-                # customer whose outbox is still being produced would send it twice.
+                # One batch at a time per worker, events or timers, handed to the producer in
+                # the order processed (confirms follow that order).
                 async with runtime.lock():
                     outcome = await engine.process(batch)
-                    await publish(app, settings, outcome)
-                    await engine.confirm(outcome)
+                    await producing.hand_over(outcome, partial(acked, stream, events, started))
             except Exception:
                 # Transient Redis errors are retried inside the engine; anything reaching
                 # here is unexpected. Letting it escape would make Faust ack the batch.
                 _die("unexpected error in the purchases agent; stopping without ack")
-            done = time.time()
             runtime.last_event_batch = time.monotonic()
-            for event in events:
-                await stream.ack(event)
-                tp = event.message.tp
-                positions[tp] = max(positions.get(tp, -1), event.message.offset)
-                runtime.metrics.processing_latency.observe(max(0.0, done - event.message.timestamp))
-            runtime.metrics.batch_seconds.observe(time.perf_counter() - started)
+            # At most one batch waits for the broker while the next one is processed.
+            await producing.wait_below(2)
+
+    async def acked(stream: faust.StreamT, events: Sequence[faust.EventT], started: float) -> None:
+        """After a batch is confirmed: ack its input offsets (Faust commits them)."""
+        done = time.time()
+        for event in events:
+            await stream.ack(event)
+            tp = event.message.tp
+            positions[tp] = max(positions.get(tp, -1), event.message.offset)
+            runtime.metrics.processing_latency.observe(max(0.0, done - event.message.timestamp))
+        runtime.metrics.batch_seconds.observe(time.perf_counter() - started)

@@ -138,6 +138,12 @@ class Engine:
         self._learned: dict[str, int] = {}
         self._learned_at = float("-inf")
         self._snapshot: Snapshot | None = None
+        # customer -> version whose whole outbox this engine has handed out to be produced and
+        # not yet seen confirmed. The caller may process the next batch while the previous
+        # one's notifications are still being produced (confirms stay in order): a customer in
+        # both then carries the older notifications in its newer outbox (kept there until
+        # confirmed, in case this process dies) but they are not handed out a second time.
+        self._handed: dict[str, int] = {}
 
     async def current_snapshot(self) -> Snapshot | None:
         """The published population snapshot. Its version is checked on every call (one small
@@ -334,10 +340,12 @@ class Engine:
             versions = await self.retry("save", partial(self.store.save, writes))
             conflicted = []
             for customer_id, f in folds.items():
+                handed = self._handed.get(customer_id, -1) >= f.stored.version
                 if f.write is None:
-                    if f.stored.outbox:  # left unsent by a crash: send it now
+                    if f.stored.outbox and not handed:  # left unsent by a crash: send it now
                         outcome.notifications.extend(f.stored.outbox)
                         outcome.outbox_versions[customer_id] = f.stored.version
+                        self._handed[customer_id] = f.stored.version
                     if f.stored.gaps:  # left uncounted by a crash: counted now
                         outcome.gap_versions[customer_id] = f.stored.version
                     version = f.stored.version
@@ -347,9 +355,11 @@ class Engine:
                     continue
                 else:
                     version = written
-                    outcome.notifications.extend(f.write.outbox)
+                    new = f.write.outbox[len(f.stored.outbox) :] if handed else f.write.outbox
+                    outcome.notifications.extend(new)
                     if f.write.outbox:
                         outcome.outbox_versions[customer_id] = version
+                        self._handed[customer_id] = version
                     if f.write.gaps:
                         outcome.gap_versions[customer_id] = version
                 self._settle(outcome, customer_id, f, newest, version)
@@ -531,7 +541,9 @@ class Engine:
         )
 
     async def confirm(self, outcome: BatchOutcome) -> None:
-        """Call after every notification of `outcome` was acknowledged by the broker."""
+        """Call after every notification of `outcome` was acknowledged by the broker, and only
+        after the outcomes handed out before it were confirmed (in order: confirming clears a
+        customer's outbox, which may still hold an earlier outcome's notifications)."""
         for notification in outcome.notifications:
             self.metrics.notifications.labels(notification.type.value).inc()
             direction = _TIER_DIRECTION.get(notification.type)
@@ -548,3 +560,6 @@ class Engine:
             await self.retry("contribute", partial(self.store.contribute, outcome.contributions))
         versions = {**outcome.gap_versions, **outcome.outbox_versions}
         await self.retry("confirm", partial(self.store.confirm, versions, outcome.timers))
+        for customer_id, version in outcome.outbox_versions.items():
+            if self._handed.get(customer_id) == version:  # else a newer outbox is out
+                del self._handed[customer_id]

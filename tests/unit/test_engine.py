@@ -284,7 +284,8 @@ def test_outbox_is_resent_until_confirmed() -> None:
         assert [n.type for n in sent] == BATCH_TYPES
         before = await snapshot(store)
 
-        # Crash after producing, before confirm: the batch comes again.
+        # Crash after producing, before confirm: the batch comes again, to a new process.
+        engine = make_engine(store)
         again = await engine.process(BATCH)
         assert again.applied == 0
         assert again.notifications == sent
@@ -303,28 +304,41 @@ def test_outbox_is_resent_until_confirmed() -> None:
 
 
 def test_unconfirmed_outbox_travels_with_the_next_write() -> None:
+    """The worker processes the next batch while the previous one's notifications are still
+    being produced: a customer in both keeps the older notifications in its newer outbox (for
+    a crash), but they are handed out only once."""
+
     async def scenario() -> None:
         store = MemoryStore()
         engine = make_engine(store)
         first = await engine.process([GOOD_1, GOOD_2])
         assert [n.explanation["new_tier"] for n in tiers_of(first.notifications)] == ["silver"]
         assert stages_of(first.notifications) == BATCH_STAGES[:2]
+        first_c1 = tuple(n for n in first.notifications if n.customer_id == "c1")
         # Not confirmed; the next batch takes c1 to gold.
         second = await engine.process(
             [bought(20, "p4", "c1", WALL, "300"), bought(21, "p5", "c1", WALL, "400")]
         )
         assert second.applied == 2
-        assert [n.explanation["new_tier"] for n in tiers_of(second.notifications)] == [
-            "silver",
-            "gold",
-        ]
-        # The unsent outbox first, then the new decisions (no lifecycle step: already active).
-        assert second.notifications[:-1] == first.notifications
-        assert second.notifications[-1].explanation["new_tier"] == "gold"
+        # Only the new decision is handed out (no lifecycle step: already active) ...
+        assert [n.explanation["new_tier"] for n in tiers_of(second.notifications)] == ["gold"]
+        assert len(second.notifications) == 1
         assert second.outbox_versions == {"c1": 2}
-        # A late confirm of the first batch must not drop the newer outbox.
+        # ... while the record holds both, until confirmed.
+        assert (await state_of(store, "c1")).outbox == first_c1 + tuple(second.notifications)
+
+        # Had the process died here, the next one would send the whole outbox again.
+        successor = make_engine(store)
+        resent = await successor.process([bought(20, "p4", "c1", WALL, "300")])
+        assert resent.duplicates == 1
+        assert resent.notifications == [*first_c1, *second.notifications]
+
+        # Confirms in order: the first must not drop the newer outbox.
         await engine.confirm(first)
-        assert (await state_of(store, "c1")).outbox == tuple(second.notifications)
+        assert (await state_of(store, "c1")).outbox == first_c1 + tuple(second.notifications)
+        # A third batch while the second is still out: nothing handed out twice.
+        third = await engine.process([bought(22, "p4", "c1", WALL, "300")])
+        assert (third.duplicates, third.notifications) == (1, [])
         await engine.confirm(second)
         stored = await state_of(store, "c1")
         assert (stored.version, stored.outbox) == (2, ())
@@ -702,10 +716,13 @@ def test_process_due_in_wall_mode_fires_a_due_reminder_once() -> None:
             == 1
         )
 
-        # Not confirmed yet (the producer may have crashed): the index still points at the
-        # fired time, so the next poll resends the outbox, but fires nothing new.
+        # Not confirmed yet: the index still points at the fired time. While this process is
+        # producing the outbox, the next poll hands out nothing again ...
         assert store.timers[1] == {"c1": WALL + FORMULA_DUE}
-        resent = await engine.process_due(1)
+        polled = await engine.process_due(1)
+        assert (polled.timers_fired, polled.notifications) == (0, [])
+        # ... and had it crashed, the next process's poll resends it, firing nothing new.
+        resent = await timer_engine(store, clock).process_due(1)
         assert resent.timers_fired == 0
         assert resent.notifications == fired.notifications  # same ids: consumers drop them
         assert (await state_of(store, "c1")).version == 2

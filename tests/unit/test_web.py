@@ -17,8 +17,8 @@ from pydantic import SecretStr
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from memberflow import web
-from memberflow.app import Runtime, create_app, publish
-from memberflow.engine import BatchOutcome, Engine, RawMessage
+from memberflow.app import Runtime, create_app
+from memberflow.engine import Engine, RawMessage
 from memberflow.metrics import Metrics
 from memberflow.population import publish as publish_snapshot
 from memberflow.settings import Settings, default_rules_file
@@ -401,22 +401,6 @@ def test_customers_gauge_reports_vanished_labels_as_zero() -> None:
     metrics.set_customers({"tier:gold": 1, "grade:A": 1})
     assert (value("tier", "gold"), value("stage", "new"), value("grade", "A")) == (1, 0, 1)
     assert value("segment", "important_value") == 0
-
-
-def test_publish_keeps_the_latest_notifications() -> None:
-    class Producer:
-        async def send(self, *args: Any) -> asyncio.Future[None]:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            future.set_result(None)
-            return future
-
-    class App:
-        producer = Producer()
-        memberflow = Runtime(settings(), POLICY)
-
-    app: Any = App()
-    run(publish(app, app.memberflow.settings, BatchOutcome(notifications=[note(1), note(2)])))
-    assert [n.notification_id for n in app.memberflow.recent_notifications] == ["n-1", "n-2"]
 
 
 # -- the page ----------------------------------------------------------------------------------
