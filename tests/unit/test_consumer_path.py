@@ -1,4 +1,5 @@
-"""memberflow's cheaper Faust consumer path (memberflow/app.py): inline delivery and LeanMonitor."""
+"""memberflow's cheaper Faust consumer path (memberflow/faust_patches.py): inline delivery and
+LeanMonitor, installed by memberflow.app.faust_app."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from faust.sensors import Monitor
 from faust.transport.consumer import Consumer as BaseConsumer
 from faust.transport.drivers import aiokafka as driver
 
-from memberflow import app as app_module
-from memberflow.app import LeanMonitor, _resume, faust_app
+from memberflow import faust_patches
+from memberflow.app import faust_app
+from memberflow.faust_patches import LeanMonitor, resume
 from memberflow.settings import Settings
 
-# sha256 of faust-streaming 0.15.3's Consumer._drain_messages, which memberflow/app.py copies
-# with one change. A different Faust must be read again before this pin is moved.
+# sha256 of faust-streaming 0.15.3's Consumer._drain_messages, which
+# memberflow/faust_patches.py copies with one change. A different Faust must be read again
+# before this pin is moved.
 FAUST_DRAIN_MESSAGES = "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417"
 
 
@@ -25,7 +28,7 @@ def test_the_copied_drain_loop_is_still_fausts() -> None:
     source = inspect.getsource(BaseConsumer._drain_messages)
     assert hashlib.sha256(source.encode()).hexdigest() == FAUST_DRAIN_MESSAGES
     # the copy differs only in how the callback is awaited
-    copied = inspect.getsource(app_module._drain_messages)
+    copied = inspect.getsource(faust_patches.drain_messages)
     assert "callback(message), self.suspend_flow.wait()" in source
     assert "delivery.send(None)" in copied and "self.suspend_flow.wait()" in copied
 
@@ -37,7 +40,7 @@ def test_faust_app_installs_the_fast_path_and_can_take_it_out() -> None:
         assert driver.Consumer._drain_messages is BaseConsumer._drain_messages
         assert type(stock.monitor) is Monitor
         fast = faust_app(settings, "t-fast")
-        assert driver.Consumer._drain_messages is app_module._drain_messages
+        assert driver.Consumer._drain_messages is faust_patches.drain_messages
         assert isinstance(fast.monitor, LeanMonitor)
     finally:
         faust_app(settings, "t-again")  # the default, as every worker builds it
@@ -61,7 +64,7 @@ async def _deliver(coro: Any) -> Any:
         pending = coro.send(None)
     except StopIteration as done:
         return ("inline", done.value)
-    return ("task", await asyncio.ensure_future(_resume(coro, pending)))
+    return ("task", await asyncio.ensure_future(resume(coro, pending)))
 
 
 def test_a_callback_that_does_not_wait_runs_inline() -> None:
@@ -107,7 +110,7 @@ def test_errors_and_cancellation_reach_the_callback() -> None:
                 events.append("cleaned up")
 
         coro = blocked()
-        task = asyncio.ensure_future(_resume(coro, coro.send(None)))
+        task = asyncio.ensure_future(resume(coro, coro.send(None)))
         await asyncio.sleep(0)
         task.cancel()  # what wait_first does when suspend_flow is set
         with pytest.raises(asyncio.CancelledError):
@@ -119,7 +122,7 @@ def test_errors_and_cancellation_reach_the_callback() -> None:
 
         coro2 = failing()
         with pytest.raises(ValueError, match="bad"):
-            await asyncio.ensure_future(_resume(coro2, coro2.send(None)))
+            await asyncio.ensure_future(resume(coro2, coro2.send(None)))
         events.append("raised")
         return events
 
