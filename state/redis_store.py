@@ -219,8 +219,12 @@ def connect(url: str, cluster: bool = False, password: str | None = None) -> Any
         options["password"] = password
     if cluster:
         return RedisCluster.from_url(url, **options)
-    client = Redis.from_url(url, **options)
-    # Plain TCP only: rediss:// and unix:// URLs keep the connection class they chose.
+    return _packing(Redis.from_url(url, **options))
+
+
+def _packing(client: Redis) -> Redis:
+    """`client` with PackingConnection where it would use a plain TCP Connection (TLS and
+    unix sockets keep the connection class they chose)."""
     if client.connection_pool.connection_class is Connection:
         client.connection_pool.connection_class = PackingConnection
     return client
@@ -316,7 +320,7 @@ class RedisStore:
             # The node's own connection settings: password, TLS and timeouts included (minus
             # the cluster client's private options, which a plain client does not take).
             options = {k: v for k, v in node.connection_kwargs.items() if k in _REDIS_OPTIONS}
-            client = Redis(**options)
+            client = _packing(Redis(**options))
             self._nodes[node.name] = client
         return client
 

@@ -4,6 +4,7 @@ script crosses a hash slot, and scripts are pipelined per node."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from memberflow.services import LocalBroker, LocalRedisCluster
 from memberflow.synthetic import add_noise, generate_history, write_csv
+from state.redis_store import PackingConnection, RedisStore, connect
 from tests.integration.conftest import run_cli, worker_env
 from tests.oracle import batch_export, valid_rows
 
@@ -60,3 +62,20 @@ def test_cluster_export_equals_batch_computation(
     expected = batch_export(accepted, as_of=as_of)
     actual = {d["customer_id"]: {f: d[f] for f in FIELDS} for d in docs}
     assert actual == expected
+
+
+def test_node_clients_pack_with_hiredis(tmp_path: Path) -> None:
+    """The per-node clients the batch scripts go through use the same packer as one Redis."""
+
+    async def node_connection_classes(url: str) -> set[type]:
+        store = RedisStore(connect(url, cluster=True))
+        classes = set()
+        for customer in ("alice", "bob", "carol", "dave", "erin", "frank"):
+            node = await store._node_client(f"mf:{{c:{customer}}}")
+            classes.add(node.connection_pool.connection_class)
+            assert await node.ping()
+        await store.close()
+        return classes
+
+    with LocalRedisCluster(workdir=tmp_path / "cluster") as cluster:
+        assert asyncio.run(node_connection_classes(cluster.url)) == {PackingConnection}
