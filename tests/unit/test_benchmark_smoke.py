@@ -61,6 +61,20 @@ def test_latency_summary() -> None:
     assert bench.latency_summary([])["p99"] is None
 
 
+def test_the_median_latency_round_is_reported_with_every_rounds_p99() -> None:
+    rounds = [
+        {"applied": {"p99": p99}, "notified": {"p99": p99 + 20}, "round": i}
+        for i, p99 in enumerate((180.0, 95.0, 120.0))
+    ]
+    chosen = bench.median_round(rounds)
+    assert chosen["round"] == 2 and chosen["applied"]["p99"] == 120.0
+    assert [r["applied_p99"] for r in chosen["rounds"]] == [180.0, 95.0, 120.0]
+    assert bench.median_round(rounds[:2])["applied"]["p99"] == 95.0  # the lower middle
+    assert bench.median_round(rounds[:1])["rounds"] == [
+        {"applied_p99": 180.0, "notified_p99": 200.0}
+    ]
+
+
 def test_throughput_counts_after_the_first_observation() -> None:
     assert bench.throughput(2_000, 100.0, 202_000, 120.0) == 10_000
     assert bench.throughput(500, 100.0, 500, 100.0) is None  # all in one batch
