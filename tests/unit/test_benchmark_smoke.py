@@ -71,7 +71,7 @@ def test_the_median_latency_round_is_reported_with_every_rounds_p99() -> None:
     assert [r["applied_p99"] for r in chosen["rounds"]] == [180.0, 95.0, 120.0]
     assert bench.median_round(rounds[:2])["applied"]["p99"] == 95.0  # the lower middle
     assert bench.median_round(rounds[:1])["rounds"] == [
-        {"applied_p99": 180.0, "notified_p99": 200.0}
+        {"applied_p99": 180.0, "notified_p99": 200.0, "cpu_cores": None}
     ]
 
 
