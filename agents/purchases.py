@@ -14,11 +14,12 @@ import os
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import faust
 
 from memberflow.engine import RawMessage
+from memberflow.faust_patches import take_batches
 
 if TYPE_CHECKING:
     from memberflow.app import Runtime
@@ -125,9 +126,7 @@ def register(app: faust.App, runtime: Runtime) -> None:
     @app.agent(purchases, concurrency=1, name="memberflow.purchases")
     async def process_purchases(stream: faust.StreamT) -> None:
         engine = runtime.engine()
-        batches = cast(faust.Stream, stream).noack_take(
-            settings.batch_max, within=settings.batch_within_s
-        )
+        batches = take_batches(stream, settings.batch_max, settings.batch_within_s)
         async for events in batches:
             started = time.perf_counter()
             batch = [

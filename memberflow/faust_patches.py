@@ -12,7 +12,8 @@ import asyncio
 import functools
 import time
 import types
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 from faust.sensors import Monitor
 
@@ -188,3 +189,88 @@ def set_inline_delivery(enabled: bool) -> None:
         driver.Consumer._drain_messages = drain_messages  # type: ignore[method-assign]
     elif "_drain_messages" in vars(driver.Consumer):
         driver.Consumer._drain_messages = BaseConsumer._drain_messages  # type: ignore[method-assign]
+
+
+async def take_queued(stream: Any, max_: int) -> AsyncIterator[list[Any]]:
+    """``Stream.noack_take`` (faust-streaming 0.15.3) without its wait: a batch is every
+    event already queued when the previous batch is done (at most `max_`), handed over as soon
+    as the stream's queue is empty, instead of after waiting ``within`` seconds every time.
+
+    Under load the queue fills while a batch is processed, so batches stay as large as
+    before; at part load an event no longer waits out the timer on top of the batch ahead of
+    it. Events are not acked here (the caller acks each after its batch is confirmed), as with
+    ``noack_take``; buffering, the full-buffer wait and the stream's processors are Faust's
+    (tests/unit/test_consumer_path.py pins the source this follows)."""
+    buffer: list[Any] = []
+    filled = asyncio.Event()  # set when the buffer holds an event
+    room = asyncio.Event()  # set when a full buffer was handed over
+    consuming: asyncio.Future[None] | None = None
+    queue = getattr(stream.channel, "queue", None)
+
+    async def add_to_buffer(value: Any) -> Any:
+        nonlocal consuming
+        try:
+            if consuming is not None:  # a batch is out: wait until it is handed back
+                try:
+                    await consuming
+                finally:
+                    consuming = None
+            event = stream.current_event
+            if event is None:
+                raise RuntimeError("take_queued found current_event is None")
+            buffer.append(event)
+            filled.set()
+            if len(buffer) >= max_:
+                room.clear()
+                await stream.wait(room)  # never more than max_ per batch
+        except asyncio.CancelledError:  # pragma: no cover
+            raise
+        except Exception as exc:  # pragma: no cover - as Faust: the stream crashes
+            stream.log.exception("Error adding to take buffer: %r", exc)
+            await stream.crash(exc)
+        return value
+
+    acks_before = stream.enable_acks
+    stream.enable_acks = False
+    stream.add_processor(add_to_buffer)
+    stream._enable_passive(stream.channel)
+    try:
+        while not stream.should_stop:
+            if not buffer:
+                # Idle: wake up now and then to notice a stop.
+                await stream.wait_for_stopped(filled, timeout=1.0)
+                continue
+            # What is already queued joins this batch: the stream moves one event per turn of
+            # the loop, so turn it until the queue is empty (and once more for the event in
+            # hand), or the batch is full.
+            spins = 0
+            while len(buffer) < max_ and spins < 2 * max_:
+                spins += 1
+                await asyncio.sleep(0)
+                if queue is None:
+                    break  # not a queue-backed channel: one turn only
+                if queue.empty():
+                    await asyncio.sleep(0)
+                    if queue.empty():
+                        break
+            handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            consuming = handed
+            try:
+                yield list(buffer)
+            finally:
+                buffer.clear()
+                filled.clear()
+                handed.set_result(None)
+                room.set()
+    finally:
+        stream.enable_acks = acks_before
+        stream._processors.remove(add_to_buffer)
+
+
+def take_batches(stream: Any, max_: int, within: float) -> AsyncIterator[Any]:
+    """An agent's batches (MEMBERFLOW_BATCH_WITHIN_S): `take_queued` when `within` is 0, else
+    Faust's ``noack_take``, which waits up to `within` seconds for each batch to fill. The
+    worker and the benchmark's consume-only agent both take their batches here."""
+    if within > 0:
+        return cast(AsyncIterator[Any], stream.noack_take(max_, within=within))
+    return take_queued(stream, max_)

@@ -49,10 +49,12 @@ class Settings(BaseSettings):
     )
     batch_max: int = Field(2000, ge=1, description="Max events per processing batch.")
     batch_within_s: float = Field(
-        0.01,
-        gt=0,
-        description="Max wait to fill a batch, seconds (under load batches fill while the last "
-        "one is processed; measured: same throughput as 0.05, lower latency).",
+        0.0,
+        ge=0,
+        description="0: a batch is every event queued once the previous batch is done (under "
+        "load they queue while it is processed); > 0: Faust's take, which waits this long for "
+        "each batch to fill. Measured: 0 against 0.01 s, p50 produce->applied 4-13 ms lower, "
+        "same throughput.",
     )
     broker_session_timeout_s: float = Field(10.0, gt=0, description="Consumer session timeout.")
     broker_rebalance_timeout_s: float = Field(10.0, gt=0, description="Group rebalance timeout.")

@@ -25,11 +25,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import faust
 
 from memberflow.app import faust_app
+from memberflow.faust_patches import take_batches
 from memberflow.settings import Settings
 
 
@@ -100,9 +101,7 @@ def build(settings: Settings, mode: str) -> faust.App:
 
         @app.agent(topic, concurrency=1, name="bench.consume_take")
         async def consume_take(stream: faust.StreamT) -> None:
-            batches = cast(faust.Stream, stream).noack_take(
-                settings.batch_max, within=settings.batch_within_s
-            )
+            batches = take_batches(stream, settings.batch_max, settings.batch_within_s)
             async for events in batches:
                 for event in events:
                     await stream.ack(event)

@@ -4,10 +4,14 @@ LeanMonitor, installed by memberflow.app.faust_app."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
+import logging
+import types
 from typing import Any
 
+import faust
 import pytest
 from faust.sensors import Monitor
 from faust.transport.consumer import Consumer as BaseConsumer
@@ -15,7 +19,7 @@ from faust.transport.drivers import aiokafka as driver
 
 from memberflow import faust_patches
 from memberflow.app import faust_app
-from memberflow.faust_patches import LeanMonitor, resume
+from memberflow.faust_patches import LeanMonitor, resume, take_queued
 from memberflow.settings import Settings
 
 # sha256 of faust-streaming 0.15.3's Consumer._drain_messages, which
@@ -127,3 +131,105 @@ def test_errors_and_cancellation_reach_the_callback() -> None:
         return events
 
     assert asyncio.run(main()) == ["cancelled", "cleaned up", "raised"]
+
+
+# sha256 of faust-streaming 0.15.3's Stream.noack_take, which memberflow.faust_patches.take_queued
+# follows without its timed wait.
+FAUST_NOACK_TAKE = "f2cc2dbfc162d2006c94361c0ed68535c95484020849eb0d4210c1f52c4c430a"
+
+
+def test_take_queued_still_follows_fausts_noack_take() -> None:
+    source = inspect.getsource(faust.Stream.noack_take)
+    assert hashlib.sha256(source.encode()).hexdigest() == FAUST_NOACK_TAKE
+
+
+class QueueStream:
+    """The parts of faust.Stream that take_queued uses. Like Faust's stream iterator, the
+    passive drainer moves one queued value per turn of the event loop and runs the
+    processors on it with `current_event` set."""
+
+    def __init__(self) -> None:
+        self.channel = types.SimpleNamespace(queue=asyncio.Queue())
+        self.current_event: Any = None
+        self.enable_acks = True
+        self.should_stop = False
+        self.log = logging.getLogger("test.QueueStream")
+        self._processors: list[Any] = []
+        self._drainer: asyncio.Task[None] | None = None
+        self.timeouts = 0  # idle waits that ran out: a batch waited with nothing arriving
+
+    def add_processor(self, processor: Any) -> None:
+        self._processors.append(processor)
+
+    def _enable_passive(self, channel: Any) -> None:
+        self._drainer = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        while True:
+            await asyncio.sleep(0)
+            value = await self.channel.queue.get()
+            self.current_event = types.SimpleNamespace(value=value)
+            for processor in list(self._processors):
+                value = await processor(value)
+
+    async def wait_for_stopped(self, event: asyncio.Event, timeout: float) -> None:  # noqa: ASYNC109 - Faust's signature
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            self.timeouts += 1
+
+    async def wait(self, event: asyncio.Event) -> None:
+        await event.wait()
+
+    async def crash(self, exc: BaseException) -> None:
+        raise exc
+
+    def put(self, *values: int) -> None:
+        for value in values:
+            self.channel.queue.put_nowait(value)
+
+    async def close(self) -> None:
+        assert self._drainer is not None
+        self._drainer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._drainer
+
+
+def values(batch: Any) -> list[int]:
+    return [event.value for event in batch]
+
+
+def test_what_is_queued_is_one_batch_at_once_up_to_the_maximum() -> None:
+    async def main() -> None:
+        stream = QueueStream()
+        stream.put(*range(7))
+        batches = take_queued(stream, 3)
+        assert values(await anext(batches)) == [0, 1, 2]
+        assert values(await anext(batches)) == [3, 4, 5]
+        assert values(await anext(batches)) == [6]
+        assert stream.timeouts == 0  # no batch waited for more while events were queued
+        assert stream.enable_acks is False  # the caller acks
+        await batches.aclose()
+        assert stream.enable_acks is True and stream._processors == []
+        await stream.close()
+
+    asyncio.run(main())
+
+
+def test_events_arriving_while_a_batch_is_out_make_the_next_batch() -> None:
+    async def main() -> None:
+        stream = QueueStream()
+        batches = take_queued(stream, 100)
+        waiting = asyncio.ensure_future(anext(batches))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # idle: no empty batches
+        stream.put(1)
+        assert values(await waiting) == [1]
+        stream.put(2, 3, 4)  # while batch [1] is processed
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert values(await anext(batches)) == [2, 3, 4]
+        await batches.aclose()
+        await stream.close()
+
+    asyncio.run(main())
