@@ -1,9 +1,11 @@
 """Patches to faust-streaming 0.15.3's consumer internals, installed by memberflow.app.faust_app.
 
 Kept apart from the app factory because they reach into Faust's private code: each one names
-what it replaces and why, and tests/unit/test_consumer_path.py pins the Faust source the copied
-drain loop came from, so a Faust upgrade cannot silently change what is patched. Measured with
-ops/bench_consume_only.py (take): together about half of Faust's per-event CPU.
+what it replaces and why, and tests/unit/test_consumer_path.py pins the Faust sources the
+copied drain loop and take_queued follow, so a Faust upgrade cannot silently change what is
+patched. Measured with ops/bench_consume_only.py (take): inline delivery and LeanMonitor
+together save about half of Faust's per-event CPU; take_queued is for latency (README,
+Performance).
 """
 
 from __future__ import annotations
@@ -240,9 +242,9 @@ async def take_queued(stream: Any, max_: int) -> AsyncIterator[list[Any]]:
                 # Idle: wake up now and then to notice a stop.
                 await stream.wait_for_stopped(filled, timeout=1.0)
                 continue
-            # What is already queued joins this batch: the stream moves one event per turn of
-            # the loop, so turn it until the queue is empty (and once more for the event in
-            # hand), or the batch is full.
+            # What is already queued joins this batch: the stream's drainer moves queued events
+            # a turn of the loop at a time, so turn it until the queue is empty (and once more
+            # for the event in hand), or the batch is full.
             spins = 0
             while len(buffer) < max_ and spins < 2 * max_:
                 spins += 1
