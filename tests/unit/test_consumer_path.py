@@ -19,7 +19,7 @@ from faust.transport.drivers import aiokafka as driver
 
 from memberflow import faust_patches
 from memberflow.app import faust_app
-from memberflow.faust_patches import LeanMonitor, resume, take_queued
+from memberflow.faust_patches import LeanMonitor, resume, take_batches, take_queued
 from memberflow.settings import Settings
 
 # sha256 of faust-streaming 0.15.3's Consumer._drain_messages, which
@@ -229,6 +229,29 @@ def test_events_arriving_while_a_batch_is_out_make_the_next_batch() -> None:
         for _ in range(20):
             await asyncio.sleep(0)
         assert values(await anext(batches)) == [2, 3, 4]
+        await batches.aclose()
+        await stream.close()
+
+    asyncio.run(main())
+
+
+def test_a_positive_batch_wait_takes_fausts_own_batches() -> None:
+    stream = QueueStream()
+    asked: list[tuple[int, float]] = []
+
+    def noack_take(max_: int, within: float) -> str:
+        asked.append((max_, within))
+        return "faust's noack_take"
+
+    stream.noack_take = noack_take  # type: ignore[attr-defined]
+    assert take_batches(stream, 5, 0.25) == "faust's noack_take"
+    assert asked == [(5, 0.25)]
+
+    async def main() -> None:
+        batches = take_batches(stream, 5, 0.0)  # 0: take_queued
+        stream.put(1, 2)
+        assert values(await anext(batches)) == [1, 2]
+        assert asked == [(5, 0.25)]  # Faust's take was not asked again
         await batches.aclose()
         await stream.close()
 
