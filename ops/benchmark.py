@@ -110,7 +110,7 @@ from memberflow.services import (  # noqa: E402
 )
 from memberflow.settings import Settings  # noqa: E402
 from memberflow.synthetic import CATEGORIES, customer_id  # noqa: E402
-from rules.customer import DAY, event_key  # noqa: E402
+from rules.customer import DAY, Seen, dedup_entries, event_key  # noqa: E402
 from state import keys  # noqa: E402
 
 DEFAULT_EVENTS = 200_000
@@ -992,8 +992,12 @@ def measure_memory(bench: Bench, used_before: int, sample: int = 300) -> dict[st
             if state:
                 doc = json.loads(state)
                 state_bytes.append(len(state))
-                seen_bytes.append(len(json.dumps(doc.get("s", {}), separators=(",", ":"))))
-                seen_entries.append(len(doc.get("s", {})))
+                # Format 2 stores the dedup memory as text (rules.customer.Seen), 1 as an object.
+                seen = doc.get("s", "")
+                if not isinstance(seen, str):
+                    seen = json.dumps(seen, separators=(",", ":"))
+                seen_bytes.append(len(seen))
+                seen_entries.append(dedup_entries(doc.get("s")))
             if taken >= per_node:
                 break
     # The keys that are not customer hashes (timer indexes, population statistics, clocks...):
@@ -1404,7 +1408,7 @@ def prefill_customers(
     template = apply(None, event, policy, int(purchased_at)).state  # type: ignore[arg-type]
     if template is None or len(template.seen) != 1:
         raise RuntimeError("could not build a prefill state with rules.customer.apply")
-    (seen_value,) = template.seen.values()
+    (seen_value,) = template.seen.as_dict().values()
     due = next_due(template, policy)
     orders, spend = template.window(int(purchased_at), policy.window_days)
     partitioner = DefaultPartitioner()
@@ -1425,7 +1429,7 @@ def prefill_customers(
                     cid = customer_id(number)
                     state = copy.copy(template)
                     state.customer_id = cid
-                    state.seen = {event_key(f"pre-{number}"): seen_value}
+                    state.seen = Seen.from_mapping({event_key(f"pre-{number}"): seen_value})
                     pipe.hset(keys.customer(cid), mapping={"v": 1, "s": state.to_json()})
                     shard = partitioner(cid.encode(), ids, ids)
                     if due is not None:

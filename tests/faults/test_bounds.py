@@ -12,7 +12,8 @@ encoded customer states and what they hold) and the worker's RSS, and prints a t
 
 What must hold:
 - every customer's dedup memory holds at most the events of the `max_event_age_days` before
-  its last purchase (the engine prunes on purchases and window-expiry timers);
+  its last purchase, plus the prune's slack (rules.customer.dedup_slack_days: 3 days here; the
+  engine prunes on purchases and window-expiry timers);
 - every key pattern stays within customers x a constant (keys and elements), but for the
   repurchase-gap histograms, whose fields are bounded by categories x distinct gap days;
 - after the warm-up (the first sample, 60 days: more than twice the longest bound) no sample
@@ -24,7 +25,7 @@ What must hold:
 Why TOLERANCE = 20 % catches an unpruned dedup memory: a customer buys every 3 days on
 average, so with pruning it keeps about 28 / 3 ~ 10 entries at any time, without it one per
 purchase so far: ~40 after 120 days (the baseline sample) and ~120 after 360 days, +200 %. The
-encoded state (~35 bytes per entry on top of ~1 kB) then grows by well over 50 % from the
+encoded state (~25 bytes per entry on top of ~1 kB) then grows by well over 50 % from the
 baseline to the last sample, and Redis used_memory by more than 20 % as well. Checked by
 hand, without editing code: `BOUNDS_MAX_EVENT_AGE_DAYS=100000` runs the same test with a
 horizon longer than the stream (nothing ever pruned), and it failed on the dedup entries
@@ -51,6 +52,7 @@ import yaml
 from memberflow.replay import iter_history
 from memberflow.services import LocalBroker, LocalRedis, WorkerProcess
 from memberflow.synthetic import CATEGORIES, customer_id, write_jsonl
+from rules.customer import dedup_entries, dedup_slack_days
 from state import keys
 from tests.faults.harness import (
     DAY,
@@ -198,8 +200,8 @@ def sample_state(server: LocalRedis, day: int, published: int, worker: WorkerPro
         dbsize=dbsize,
         groups=groups,
         state_bytes=sum(len(raw) for raw in encoded),  # HSTRLEN of each `s`
-        seen_mean=sum(len(s.get("s", {})) for s in states) / max(len(states), 1),
-        seen_max=max((len(s.get("s", {})) for s in states), default=0),
+        seen_mean=sum(dedup_entries(s.get("s")) for s in states) / max(len(states), 1),
+        seen_max=max((dedup_entries(s.get("s")) for s in states), default=0),
         buckets_max=max((len(s.get("b", {})) for s in states), default=0),
         others_max=max(
             (max(len(s.get(f, ())) for f in ("c", "r", "d", "m")) for s in states),
@@ -212,14 +214,16 @@ def sample_state(server: LocalRedis, day: int, published: int, worker: WorkerPro
 def seen_bound(rows: Sequence[Mapping[str, Any]], until: int) -> dict[str, int]:
     """Per customer, how many distinct events of the `max_event_age_days` before its last
     purchase (up to `until`) it may remember: the engine prunes at every purchase and window
-    expiry, each at a time no earlier than that last purchase."""
+    expiry, each at a time no earlier than that last purchase, once the oldest entry is more
+    than the slack past the horizon."""
+    slack = dedup_slack_days(MAX_EVENT_AGE_DAYS)
     times: dict[str, dict[str, int]] = defaultdict(dict)
     for row in rows:
         if (at := _epoch(row)) <= until:
             times[str(row["customer_id"])][str(row["event_id"])] = at
     bound = {}
     for cid, events in times.items():
-        oldest_day = max(events.values()) // DAY - MAX_EVENT_AGE_DAYS
+        oldest_day = max(events.values()) // DAY - MAX_EVENT_AGE_DAYS - slack
         bound[cid] = sum(1 for at in events.values() if at // DAY >= oldest_day)
     return bound
 
@@ -231,7 +235,7 @@ def check_seen(server: LocalRedis, rows: Sequence[Mapping[str, Any]], until: int
         for cid in bound:
             pipe.hget(keys.customer(cid), "s")
         held = {
-            cid: len(json.loads(raw).get("s", {}))
+            cid: dedup_entries(json.loads(raw).get("s"))
             for cid, raw in zip(bound, pipe.execute(), strict=True)
         }
     over = {cid: (held[cid], bound[cid]) for cid in bound if held[cid] > bound[cid]}

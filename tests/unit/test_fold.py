@@ -18,6 +18,8 @@ from rules.customer import (
     CustomerState,
     Decision,
     apply,
+    dedup_entries,
+    dedup_slack_days,
     epoch,
     evaluation_time,
     event_key,
@@ -146,7 +148,7 @@ def test_first_purchase_sets_first_last_lifetime_and_window() -> None:
     assert state.buckets == {when // DAY: [1, 1999]}
     assert state.window(NOW, POLICY.window_days) == (1, 1999)
     assert state.categories == {"formula": [when, 1]}
-    assert state.seen == {event_key("p1"): [0, when // DAY, 1999, 0]}
+    assert state.seen.as_dict() == {event_key("p1"): [0, when // DAY, 1999, 0]}
     assert state.tier == "member"
     assert state.tier_since is None
     assert (state.stage, state.stage_since) == ("new", NOW)
@@ -332,8 +334,8 @@ def test_partial_refund_lowers_spend_only() -> None:
     assert (state.lifetime_orders, state.lifetime_spend) == (1, 7000)
     assert state.window(NOW, POLICY.window_days) == (1, 7000)
     assert state.buckets == {buy // DAY: [1, 7000]}
-    assert state.seen[event_key("p1")] == [0, buy // DAY, 10000, 3000]
-    assert state.seen[event_key("r1")] == [1, (NOW - DAY) // DAY, 3000, 0]
+    assert state.seen.get(event_key("p1")) == [0, buy // DAY, 10000, 3000]
+    assert state.seen.get(event_key("r1")) == [1, (NOW - DAY) // DAY, 3000, 0]
     assert state.last_purchase_at == buy  # a refund is not a visit
     assert state.latest_event_at == NOW - DAY
 
@@ -347,7 +349,7 @@ def test_full_refund_lowers_orders_too() -> None:
     assert (state.lifetime_orders, state.lifetime_spend) == (1, 500)
     assert state.window(NOW, POLICY.window_days) == (1, 500)
     assert state.buckets == {buy // DAY: [1, 500]}
-    assert state.seen[event_key("p1")][3] == 10000
+    assert (state.seen.get(event_key("p1")) or [])[3] == 10000
 
 
 def test_refund_after_a_full_refund_does_not_lower_orders_again() -> None:
@@ -716,9 +718,84 @@ def test_state_with_refunds_round_trips_through_json() -> None:
 
 
 def test_unknown_state_format_is_refused() -> None:
-    text = new_customer("c", POLICY).to_json().replace('"f":1', '"f":2')
-    with pytest.raises(ValueError, match="unknown customer state format 2"):
+    text = new_customer("c", POLICY).to_json().replace('"f":2', '"f":3')
+    with pytest.raises(ValueError, match="unknown customer state format 3"):
         CustomerState.from_json(text)
+
+
+def test_format_1_states_read_back_and_are_written_as_format_2() -> None:
+    """States saved before the compact dedup memory (its entries as a JSON object) keep
+    working: read, they are the same state; written again, they are format 2."""
+    state, _ = fold(silver_history())
+    state = applied(state, refund("r1", "p1", NOW, "20")).state
+    assert state is not None
+    doc = json.loads(state.to_json())
+    assert doc["f"] == 2 and isinstance(doc["s"], str)
+    legacy = {**doc, "f": 1, "s": state.seen.as_dict()}
+    restored = CustomerState.from_json(json.dumps(legacy))
+    assert restored == state
+    assert json.loads(restored.to_json()) == doc
+    assert dedup_entries(doc["s"]) == dedup_entries(legacy["s"]) == len(state.seen) == 3
+
+
+def test_the_dedup_memory_is_compact_text_parsed_only_when_needed() -> None:
+    """New events are remembered by appending to the stored text; the entries are parsed for a
+    duplicate or a refund (what it was matters there), never for a new purchase."""
+    state, _ = fold([purchase("p1", NOW - 3 * DAY, "12.50"), purchase("p2", NOW - DAY, "7")])
+    text = json.loads(state.to_json())["s"]
+    day1, day2 = (NOW - 3 * DAY) // DAY, (NOW - DAY) // DAY
+    assert text == f"{day1};{event_key('p1')}:{day1}:1250;{event_key('p2')}:{day2}:700"
+    loaded = CustomerState.from_json(state.to_json())
+    after = applied(loaded, purchase("p3", NOW, "1")).state
+    assert after is not None
+    assert after.seen._map is None  # appended, not parsed
+    assert loaded.seen.text() == text  # the state it came from is unchanged
+    assert apply(after, purchase("p2", NOW - DAY, "7"), POLICY, NOW).duplicate
+    conflicting = apply(after, purchase("p2", NOW - DAY, "8"), POLICY, NOW).rejection
+    assert conflicting is not None and conflicting.reason is RejectReason.CONFLICTING_DUPLICATE
+
+
+def test_an_older_event_becomes_the_dedup_memorys_oldest_day() -> None:
+    state, _ = fold([purchase("p1", NOW - DAY, "1"), purchase("p0", NOW - 9 * DAY, "2")])
+    assert state.seen.oldest_day == (NOW - 9 * DAY) // DAY
+    assert json.loads(state.to_json())["s"].startswith(f"{(NOW - 9 * DAY) // DAY};")
+    restored = CustomerState.from_json(state.to_json())
+    assert restored.seen.as_dict() == state.seen.as_dict()
+    assert restored.seen.oldest_day == (NOW - 9 * DAY) // DAY
+
+
+def test_the_dedup_memory_is_pruned_once_the_oldest_is_past_the_slack() -> None:
+    """Events past the horizon are forgotten lazily (at most `slack` days late), all at once."""
+    max_age = POLICY.input.max_event_age_days
+    slack = dedup_slack_days(max_age)
+    assert 0 < slack <= 30
+    first = NOW - 10 * DAY
+    state, _ = fold([purchase("p1", first, "1"), purchase("p2", first + 5 * DAY, "1")])
+    # Past the horizon by less than the slack: kept.
+    later = first + (max_age + slack) * DAY
+    state = applied(state, purchase("p3", later, "1"), now=later).state
+    assert state is not None and len(state.seen) == 3
+    # Past it by more: p1 goes, and with it p2, which is past the horizon too.
+    latest = first + (max_age + slack + 6) * DAY
+    state = applied(state, purchase("p4", latest, "1"), now=latest).state
+    assert state is not None
+    assert sorted(state.seen.as_dict()) == sorted([event_key("p3"), event_key("p4")])
+    assert state.seen.oldest_day == later // DAY
+
+
+def test_a_refund_of_a_purchase_past_the_horizon_is_unknown_even_if_not_pruned_yet() -> None:
+    """Whether a lazy prune already dropped the purchase must not change the outcome."""
+    max_age = POLICY.input.max_event_age_days
+    buy = NOW - 40 * DAY
+    state, _ = fold([purchase("p1", buy, "50")], now=buy)
+    now = buy + (max_age + 1) * DAY  # past the horizon, within the slack: still remembered
+    assert state.seen.get(event_key("p1")) is not None
+    decision = apply(state, refund("r1", "p1", now, "10"), POLICY, now)
+    assert decision.rejection is not None
+    assert decision.rejection.reason is RejectReason.UNKNOWN_PURCHASE
+    # One day earlier it is inside the horizon and the refund applies.
+    inside = buy + max_age * DAY
+    assert applied(state, refund("r1", "p1", inside, "10"), now=inside).rejection is None
 
 
 # -- properties ------------------------------------------------------------------------------
@@ -906,7 +983,7 @@ def test_state_json_leaves_out_what_is_empty() -> None:
     document without it reads back as the same state."""
     state = new_customer("c", POLICY)
     assert json.loads(state.to_json()) == {
-        "f": 1,
+        "f": 2,
         "id": "c",
         "lo": 0,
         "ls": 0,
