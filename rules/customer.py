@@ -252,6 +252,10 @@ class CustomerState:
     segment: list[Any] | None = None
     below_since: int | None = None  # since when the customer misses its tier's entry rule
     warned_for: int | None = None  # the below_since episode whose downgrade warning went out
+    # window() of the current buckets: (day, window_days, orders, spend). Asked for about four
+    # times per event (tier, segment, statistics, timers) on the same buckets; every change to
+    # the buckets clears it. Not stored, not compared.
+    _window: tuple[int, int, int, int] | None = field(default=None, compare=False, repr=False)
 
     def copy(self) -> CustomerState:
         return CustomerState(
@@ -281,12 +285,16 @@ class CustomerState:
     def window(self, now: int, window_days: int) -> tuple[int, int]:
         """(orders, spend) of the purchases in the rolling window ending at `now`."""
         today = now // DAY
+        memo = self._window
+        if memo is not None and memo[0] == today and memo[1] == window_days:
+            return memo[2], memo[3]
         first_day = today - window_days + 1
         orders = spend = 0
         for day, (day_orders, day_spend) in self.buckets.items():
             if first_day <= day <= today:
                 orders += day_orders
                 spend += day_spend
+        self._window = (today, window_days, orders, spend)
         return orders, spend
 
     # -- serialisation (compact: this is what Redis holds per customer) --------------------
@@ -460,6 +468,7 @@ def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: i
     new.lifetime_spend += amount
     orders, spend = new.buckets.get(day, (0, 0))
     new.buckets[day] = [orders + 1, spend + amount]
+    new._window = None
     for category in event.categories:
         entry = new.categories.get(category)
         if entry is None:
@@ -647,6 +656,7 @@ def _apply_refund(
     bucket = new.buckets.get(purchase_day)
     if bucket is not None:
         new.buckets[purchase_day] = [bucket[0] - (1 if whole else 0), bucket[1] - amount]
+        new._window = None
     expire(new, policy, now)
     # A refund never downgrades at once: it may start the grace period (tier_changes policy).
     return Decision(new, notifications=evaluate_tier(new, policy, now, event.cause))
@@ -656,8 +666,11 @@ def expire(state: CustomerState, policy: Policy, now: int) -> None:
     """Drop buckets that left the window and dedup entries older than any acceptable event."""
     today = now // DAY
     first_window_day = today - policy.window_days + 1
-    for day in [d for d in state.buckets if d < first_window_day]:
+    gone = [d for d in state.buckets if d < first_window_day]
+    for day in gone:
         del state.buckets[day]
+    if gone:
+        state._window = None
     max_age = policy.input.max_event_age_days
     state.seen.prune(today - max_age, dedup_slack_days(max_age))
 

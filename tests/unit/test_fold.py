@@ -23,6 +23,7 @@ from rules.customer import (
     epoch,
     evaluation_time,
     event_key,
+    expire,
     new_customer,
     notification_id,
     qualifying_tier,
@@ -222,6 +223,25 @@ def test_window_method_bounds() -> None:
     assert state.window(day * DAY, 365) == (1, 100)
     assert state.window(day * DAY - 1, 365) == (0, 0)
     assert state.window((day + 1) * DAY, 1) == (2, 50)
+
+
+def test_the_remembered_window_follows_every_change_to_the_buckets() -> None:
+    """window() remembers its last answer per day and window length (it is asked for several
+    times per event); a purchase, a refund or an expiry must never see an old answer."""
+    state, _ = fold([purchase("p1", NOW - 2 * DAY, "10")])
+    assert state.window(NOW, 365) == (1, 1000)
+    after = applied(state, purchase("p2", NOW, "5")).state
+    assert after is not None
+    assert after.window(NOW, 365) == (2, 1500)
+    assert after.window(NOW, 1) == (1, 500)  # another window length is another answer
+    assert state.window(NOW, 365) == (1, 1000)  # the state it came from is unchanged
+    refunded = applied(after, refund("r1", "p1", NOW, "10")).state
+    assert refunded is not None
+    assert refunded.window(NOW, 365) == (1, 500)
+    # The same object, expired a year later: both buckets go, the remembered answer with them.
+    expire(refunded, POLICY, NOW + 365 * DAY)
+    assert refunded.buckets == {}
+    assert refunded.window(NOW, 365) == (0, 0)
 
 
 def test_evaluation_later_drops_old_buckets() -> None:
