@@ -666,10 +666,10 @@ def expire(state: CustomerState, policy: Policy, now: int) -> None:
     """Drop buckets that left the window and dedup entries older than any acceptable event."""
     today = now // DAY
     first_window_day = today - policy.window_days + 1
-    gone = [d for d in state.buckets if d < first_window_day]
-    for day in gone:
-        del state.buckets[day]
-    if gone:
+    # min() first: runs in C, and on most events no bucket has left the window.
+    if state.buckets and min(state.buckets) < first_window_day:
+        for day in [d for d in state.buckets if d < first_window_day]:
+            del state.buckets[day]
         state._window = None
     max_age = policy.input.max_event_age_days
     state.seen.prune(today - max_age, dedup_slack_days(max_age))
