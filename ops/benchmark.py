@@ -432,6 +432,17 @@ def machine_busy_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / _CLOCK_TICKS
 
 
+def cpu_pressure_seconds() -> float | None:
+    """Seconds in which at least one runnable task waited for a CPU, since boot (Linux PSI,
+    /proc/pressure/cpu "some"); None where the kernel does not report it."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    fields = dict(part.split("=", 1) for part in first.split()[1:])
+    return int(fields["total"]) / 1e6 if "total" in fields else None
+
+
 class CpuMeter:
     """CPU share (1.0 = one core) of named groups of processes between two samples, plus the
     benchmark itself ("harness") and everything else on the machine ("other": the noise)."""
@@ -1156,6 +1167,7 @@ async def latency_phase(
             }
         )
         meter.begin()
+        pressure_before, pressure_t = cpu_pressure_seconds(), time.monotonic()
         futures = []
         sent = probes_sent = 0
         started = time.perf_counter()
@@ -1197,6 +1209,14 @@ async def latency_phase(
             await asyncio.sleep(0.1)
         drained_after_s = round(time.perf_counter() - started - offered_s, 2)
         cpu = meter.end()
+        pressure_after = cpu_pressure_seconds()
+        # Share of the phase in which some process (worker, broker, Redis, this harness) was
+        # ready to run and waited for one of the machine's cores.
+        cpu_waiting = (
+            round((pressure_after - pressure_before) / (time.monotonic() - pressure_t), 3)
+            if pressure_before is not None and pressure_after is not None
+            else None
+        )
         stopping.set()
         await asyncio.gather(*tasks)
     finally:
@@ -1215,6 +1235,7 @@ async def latency_phase(
         "applied": latency_summary(list(applied.values())),
         "notified": latency_summary(list(notified.values())),
         "cpu_cores": cpu,
+        "cpu_waiting_share": cpu_waiting,
     }
     say(
         f"(latency) applied {result['applied']}, notified {result['notified']}, "
@@ -1624,6 +1645,17 @@ def report(results: dict[str, Any]) -> str:
             f"(target {latency['offered_rate']:,}) for {latency['seconds']}s, "
             f"{latency['probes']} probes; processed {latency['events_processed']:,} of "
             f"{latency['events_sent']:,}"
+        )
+        cores = latency.get("cpu_cores") or {}
+        out.append(
+            "meanwhile, cores busy: "
+            + ", ".join(f"{name} {value}" for name, value in cores.items())
+            + (
+                f"; some process waiting for a core {latency['cpu_waiting_share']:.0%} of the "
+                "time (PSI)"
+                if latency.get("cpu_waiting_share") is not None
+                else ""
+            )
         )
         lrows = [
             [
