@@ -6,6 +6,12 @@ Redis scripts, confirm) so a change to the hot path can be measured in seconds, 
 
     python ops/engine_bench.py                      # 60,000 events of 3,000 customers
     python ops/engine_bench.py --profile 25         # plus the 25 costliest functions (cProfile)
+    python ops/engine_bench.py --against HEAD~3     # this tree against a commit, alternating
+
+This machine kind's speed drifts by up to 25 % between identical runs, so a change is judged
+against a baseline measured in the same session: --against REF checks REF out in a temporary
+git worktree and alternates runs of it and of this tree (--repeat each), then prints every
+run and the ratio of the medians.
 
 The events are ops/benchmark.py's own (history_payloads), in batches of --batch, each batch
 followed by a firing of the timers due at its time, as a worker does. Prints events/s, CPU
@@ -19,7 +25,9 @@ import asyncio
 import cProfile
 import json
 import pstats
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,6 +105,69 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def compare(baseline: Sequence[float], change: Sequence[float]) -> dict[str, Any]:
+    """CPU microseconds per event of alternating runs: the medians and change / baseline."""
+    base, new = median(baseline), median(change)
+    return {
+        "baseline_us": list(baseline),
+        "change_us": list(change),
+        "baseline_median_us": round(base, 1),
+        "change_median_us": round(new, 1),
+        "ratio": round(new / base, 3),
+    }
+
+
+def _one_run(tree: Path, args: argparse.Namespace, out: Path) -> float:
+    command = [
+        sys.executable,
+        str(tree / "ops" / "engine_bench.py"),
+        f"--events={args.events}",
+        f"--customers={args.customers}",
+        f"--batch={args.batch}",
+        f"--json={out}",
+    ]
+    subprocess.run(command, cwd=tree, check=True, stdout=subprocess.DEVNULL)
+    return float(json.loads(out.read_text())["cpu_us_per_event"])
+
+
+def against(args: argparse.Namespace) -> dict[str, Any]:
+    """Alternate runs of `args.against` (a git worktree) and of this tree."""
+    here = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="engine-bench-") as scratch:
+        tree = Path(scratch) / "baseline"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "-q", str(tree), args.against],
+            cwd=here,
+            check=True,
+        )
+        try:
+            baseline, change = [], []
+            for round_no in range(1, args.repeat + 1):
+                baseline.append(_one_run(tree, args, Path(scratch) / "baseline.json"))
+                change.append(_one_run(here, args, Path(scratch) / "change.json"))
+                print(
+                    f"round {round_no}/{args.repeat}: {args.against} {baseline[-1]} us/event, "
+                    f"this tree {change[-1]} us/event",
+                    flush=True,
+                )
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(tree)], cwd=here, check=False
+            )
+    return {
+        "against": args.against,
+        "events": args.events,
+        "customers": args.customers,
+        **compare(baseline, change),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=60_000, help="purchases (default 60,000)")
@@ -109,8 +180,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sort", default="tottime", help="profile order: tottime (default) or cumulative"
     )
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--against",
+        metavar="REF",
+        help="a git commit to compare with: alternating runs of it and of this tree",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each side with --against (default 3)"
+    )
     args = parser.parse_args(argv)
-    result = asyncio.run(run(args))
+    if args.against and args.profile:
+        parser.error("--against measures whole runs; profile one side at a time")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    result = against(args) if args.against else asyncio.run(run(args))
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
