@@ -8,19 +8,17 @@ import asyncio
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from decimal import Decimal
 
 import pytest
 
-from memberflow.engine import Engine, RawMessage
+from memberflow.engine import Engine
 from memberflow.services import LocalRedis
 from memberflow.settings import default_rules_file
 from rules.customer import DAY, Seen, epoch, event_key
 from rules.policy import parse_policy
 from state import keys
 from state.redis_store import RedisStore, connect
-from streams.codec import encode_model
-from streams.events import Item, Purchase
+from tests.unit.test_engine import bought  # the engine tests' raw purchase message
 
 pytestmark = pytest.mark.integration
 
@@ -32,18 +30,6 @@ WALL = epoch(datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC))
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
     with LocalRedis(workdir=tmp_path_factory.mktemp("formats-redis")) as running:
         yield running
-
-
-def bought(offset: int, event_id: str, customer: str, when: int, amount: str) -> RawMessage:
-    event = Purchase(
-        event_id=event_id,
-        customer_id=customer,
-        occurred_at=datetime.fromtimestamp(when, UTC),
-        amount=Decimal(amount),
-        currency="EUR",
-        items=(Item(sku="s", category="diapers"),),
-    )
-    return RawMessage("purchases", 0, offset, customer.encode(), encode_model(event))
 
 
 def test_format_1_states_are_read_deduplicated_and_rewritten(redis_server: LocalRedis) -> None:
