@@ -36,6 +36,12 @@ cross silver. Two latencies are measured per probe, both from the embedded send 
               topic (a consumer with fetch_max_wait 5 ms, so the measuring consumer itself adds
               little: Tansu answers a fetch only when its max wait expires if no data is there).
 
+The shop's producer lingers ``--producer-linger-ms`` (default 5 ms, the producer default since
+Kafka 4.0, KIP-1030) and the time it lingers counts: the send time is taken before the send.
+With 1 ms (the default here until 2026-11-26) it sent about three times as many produce requests
+to the broker that shares the two cores; alternating runs at 1,300 events/s: broker 0.66-0.70
+-> 0.58 cores, applied p99 144 / 242 ms at 1 ms against 78 / 87 ms at 5 ms.
+
 ``applied`` is the produce -> state-applied latency of the issue; ``notified`` adds the
 notification's produce and fetch and is what a downstream consumer experiences.
 ``--latency-rounds N`` repeats the phase on the same worker(s) with fresh probe customers and
@@ -856,6 +862,51 @@ def worker_counts(workers: Sequence[WorkerProcess]) -> dict[str, float]:
     return totals
 
 
+BATCH_METRICS = (
+    "memberflow_batch_size_events_sum",
+    "memberflow_batch_size_events_count",
+    "memberflow_batch_duration_seconds_sum",
+)
+
+
+REDIS_STEP = "memberflow_redis_call_duration_seconds_"
+
+
+def batch_totals(workers: Sequence[WorkerProcess]) -> dict[str, float]:
+    """Sums of the workers' batch histograms (event batches only, not timer firings) and of
+    their Redis step histograms (by operation)."""
+    totals = dict.fromkeys(BATCH_METRICS, 0.0)
+    for worker in workers:
+        for name, value in worker.metrics().items():
+            if name in totals or name.startswith((REDIS_STEP + "sum", REDIS_STEP + "count")):
+                totals[name] = totals.get(name, 0.0) + value
+    return totals
+
+
+def batch_figures(
+    before: dict[str, float], after: dict[str, float], seconds: float
+) -> dict[str, float | None]:
+    """Batches per second, mean events per batch and mean seconds per batch between two
+    batch_totals(): at a fixed load, how often the worker goes round and what a round costs."""
+    size, count, duration = (after[k] - before[k] for k in BATCH_METRICS)
+    redis: dict[str, list[float]] = {}  # operation -> [calls per batch, ms per call]
+    for name, value in after.items():
+        if name.startswith(REDIS_STEP + "count"):
+            calls = value - before.get(name, 0.0)
+            spent = after[name.replace("_count", "_sum")] - before.get(
+                name.replace("_count", "_sum"), 0.0
+            )
+            operation = name.partition('operation="')[2].partition('"')[0]
+            if calls and count:
+                redis[operation] = [round(calls / count, 2), round(spent * 1000 / calls, 2)]
+    return {
+        "batches_per_s": round(count / seconds, 1) if seconds > 0 else None,
+        "events_per_batch": round(size / count, 1) if count else None,
+        "ms_per_batch": round(duration * 1000 / count, 2) if count else None,
+        "redis_steps": redis,
+    }
+
+
 def events_done(counts: dict[str, float]) -> int:
     return int(sum(v for k, v in counts.items() if k.startswith("memberflow_events_total{")))
 
@@ -1072,7 +1123,11 @@ async def latency_phase(
     prefix = f"lat-{tag}"
     probe_customers = [f"probe-{tag}-{i}" for i in range(probes)]
     redis = connect(bench.redis_url, cluster=bench.cluster is not None)
-    producer = AIOKafkaProducer(bootstrap_servers=bench.broker.bootstrap, acks="all", linger_ms=1)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bench.broker.bootstrap,
+        acks="all",
+        linger_ms=bench.args.producer_linger_ms,
+    )
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bench.broker.bootstrap,
         enable_auto_commit=False,
@@ -1153,6 +1208,7 @@ async def latency_phase(
 
         tasks = [asyncio.create_task(poll_redis()), asyncio.create_task(read_notifications())]
         counts_before = events_done(await asyncio.to_thread(worker_counts, workers))
+        batches_before = await asyncio.to_thread(batch_totals, workers)
 
         # 2. Offer `rate` events/s for `duration` s; probes are spread evenly among them.
         say(
@@ -1194,6 +1250,9 @@ async def latency_phase(
                 sent += 1
             await asyncio.sleep(0.002)
         offered_s = time.perf_counter() - started
+        batches = batch_figures(
+            batches_before, await asyncio.to_thread(batch_totals, workers), offered_s
+        )
         await asyncio.gather(*futures)
 
         # 3. Wait for the stragglers, then for the worker(s) to drain the offered load.
@@ -1236,6 +1295,7 @@ async def latency_phase(
         "notified": latency_summary(list(notified.values())),
         "cpu_cores": cpu,
         "cpu_waiting_share": cpu_waiting,
+        "batches": batches,
     }
     say(
         f"(latency) applied {result['applied']}, notified {result['notified']}, "
@@ -1281,7 +1341,11 @@ async def broker_floor(
 
     topic = "bench.floor"
     bench.broker.create_topics({topic: bench.args.partitions})
-    producer = AIOKafkaProducer(bootstrap_servers=bench.broker.bootstrap, acks="all", linger_ms=1)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bench.broker.bootstrap,
+        acks="all",
+        linger_ms=bench.args.producer_linger_ms,
+    )
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bench.broker.bootstrap,
@@ -1657,6 +1721,17 @@ def report(results: dict[str, Any]) -> str:
                 else ""
             )
         )
+        batches = latency.get("batches") or {}
+        if batches.get("batches_per_s"):
+            out.append(
+                f"worker batches: {batches['batches_per_s']}/s, "
+                f"{batches['events_per_batch']} events and {batches['ms_per_batch']} ms each; "
+                "Redis steps per batch (ms each): "
+                + ", ".join(
+                    f"{op} {calls} ({ms})"
+                    for op, (calls, ms) in sorted(batches.get("redis_steps", {}).items())
+                )
+            )
         lrows = [
             [
                 name,
@@ -1854,6 +1929,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--latency-rate", type=float, help="offered events/s [half of memberflow's rate]"
+    )
+    parser.add_argument(
+        "--producer-linger-ms",
+        type=float,
+        default=5.0,
+        help="linger.ms of the shop's producer in the latency phase and its floor [5, Kafka "
+        "4.0's default]",
     )
     parser.add_argument(
         "--latency-rounds",

@@ -75,6 +75,33 @@ def test_the_median_latency_round_is_reported_with_every_rounds_p99() -> None:
     ]
 
 
+def test_batch_figures_are_the_differences_of_two_scrapes() -> None:
+    step = 'memberflow_redis_call_duration_seconds_{}{{operation="{}"}}'
+    before = {
+        "memberflow_batch_size_events_sum": 1_000.0,
+        "memberflow_batch_size_events_count": 10.0,
+        "memberflow_batch_duration_seconds_sum": 1.0,
+        step.format("count", "load"): 10.0,
+        step.format("sum", "load"): 0.5,
+    }
+    after = {
+        "memberflow_batch_size_events_sum": 3_000.0,
+        "memberflow_batch_size_events_count": 110.0,
+        "memberflow_batch_duration_seconds_sum": 3.0,
+        step.format("count", "load"): 110.0,
+        step.format("sum", "load"): 0.7,
+        step.format("count", "due"): 50.0,  # first seen after `before`
+        step.format("sum", "due"): 0.1,
+    }
+    figures = bench.batch_figures(before, after, seconds=20.0)
+    assert figures["batches_per_s"] == 5.0
+    assert figures["events_per_batch"] == 20.0
+    assert figures["ms_per_batch"] == 20.0
+    assert figures["redis_steps"] == {"load": [1.0, 2.0], "due": [0.5, 2.0]}
+    idle = bench.batch_figures(before, before, seconds=20.0)
+    assert idle["events_per_batch"] is None and idle["redis_steps"] == {}
+
+
 def test_throughput_counts_after_the_first_observation() -> None:
     assert bench.throughput(2_000, 100.0, 202_000, 120.0) == 10_000
     assert bench.throughput(500, 100.0, 500, 100.0) is None  # all in one batch
