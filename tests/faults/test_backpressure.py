@@ -82,9 +82,13 @@ from tests.faults.harness import (
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 LATENESS_S = 7 * DAY
-DELAY_S = 0.05  # per reply chunk from Redis
-# Small batches, so that the per-batch round trips dominate: slowed, the worker applies a few
-# hundred events a second; unslowed, about 1,800.
+# Per reply chunk from Redis. 50 ms was enough while a batch waited for its Redis reads one
+# after another; since they go together (memberflow.engine, 2026-11-26) a batch waits on fewer
+# replies in a row, and at 50 ms the slowed worker reached 416 events/s against 2,032 published:
+# not "far slower". 100 ms keeps it at about half that.
+DELAY_S = 0.1
+# Small batches, so that the per-batch round trips dominate: slowed, the worker applies about
+# two hundred events a second; unslowed, about 1,800.
 BATCH_MAX = 200
 # One partition: the fetch buffer is one response per partition, so with one the worker's
 # buffers reach their steady state (the high-water mark) after a few thousand events.
