@@ -25,6 +25,7 @@ import asyncio
 import cProfile
 import json
 import pstats
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,15 +106,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def compare(baseline: Sequence[float], change: Sequence[float]) -> dict[str, Any]:
     """CPU microseconds per event of alternating runs: the medians and change / baseline."""
-    base, new = median(baseline), median(change)
+    base, new = statistics.median(baseline), statistics.median(change)
     return {
         "baseline_us": list(baseline),
         "change_us": list(change),

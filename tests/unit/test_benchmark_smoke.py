@@ -5,27 +5,13 @@ No services, no wall-clock assertions: the benchmark itself is run by hand (see 
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-OPS = Path(__file__).resolve().parents[2] / "ops"
+from tests.unit.ops_scripts import load_ops_script
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ops_benchmark", OPS / "benchmark.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_ops_script("benchmark.py", "ops_benchmark")
 
 
 def test_percentile_interpolates_between_ranks() -> None:

@@ -1,33 +1,18 @@
-"""Pure helpers of ops/engine_bench.py's A/B mode (--against): medians and the ratio."""
+"""Pure helpers of ops/engine_bench.py's A/B mode (--against): the ratio of the medians."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
-OPS = Path(__file__).resolve().parents[2] / "ops"
+from tests.unit.ops_scripts import load_ops_script
+
+engine_bench = load_ops_script("engine_bench.py", "ops_engine_bench")
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ops_engine_bench", OPS / "engine_bench.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-engine_bench = _load()
-
-
-def test_median_of_odd_and_even_counts() -> None:
-    assert engine_bench.median([3.0, 1.0, 2.0]) == 2.0
-    assert engine_bench.median([4.0, 1.0, 3.0, 2.0]) == 2.5
-    assert engine_bench.median([7.0]) == 7.0
+def test_medians_of_odd_and_even_counts() -> None:
+    assert engine_bench.compare([3.0, 1.0, 2.0], [7.0])["baseline_median_us"] == 2.0
+    assert engine_bench.compare([4.0, 1.0, 3.0, 2.0], [7.0])["baseline_median_us"] == 2.5
+    assert engine_bench.compare([3.0, 1.0, 2.0], [7.0])["change_median_us"] == 7.0
 
 
 def test_compare_takes_the_ratio_of_the_medians_not_of_the_means() -> None:
