@@ -114,12 +114,17 @@ async def _wake_changed(store: Store, policy: Policy, old: Snapshot | None, new:
             for before, after in thresholds:
                 if before != after:
                     ranges.append((d, min(before, after), max(before, after)))
-    # Customers written before any snapshot existed (or while a worker still had none).
-    woken: dict[str, int] = dict(await store.unclassified())
+    # Customers written before any snapshot existed (or while a worker still had none). Woken
+    # range by range rather than gathered first: a first snapshot names every customer.
+    woken: set[str] = set()
+
+    async def wake(found: list[tuple[str, int]]) -> None:
+        await store.wake(found)
+        woken.update(customer_id for customer_id, _ in found)
+
+    await wake(await store.unclassified())
     for dimension, low, high in ranges:
-        for customer_id, partition in await store.customers_between(dimension, low, high):
-            woken[customer_id] = partition
-    await store.wake(sorted(woken.items()))
+        await wake(await store.customers_between(dimension, low, high))
     return len(woken)
 
 

@@ -28,6 +28,13 @@ from state import keys
 from state.store import Contribution, GapSample, Stored, TimerEntry, Write
 from streams.events import Notification
 
+# Bulk paths (a snapshot's wake-ups, a new policy's, which can name every customer) go to Redis
+# in slices of this many members, one command per slice, each awaited on its own: they run in
+# the worker's event loop beside the event batches, and one pipeline of a command per customer
+# held that loop for 42 ms at 4,000 customers and 178 ms at 40,000 (a latency spike for every
+# event queued meanwhile), growing with the shop.
+BULK_SLICE = 500
+
 # KEYS[1] customer hash; ARGV[1] expected version; ARGV[2] state JSON; ARGV[3] outbox JSON or '';
 # ARGV[4] pending gap samples JSON or ''.
 SAVE_LUA = """
@@ -596,12 +603,15 @@ class RedisStore:
     async def customers_between(
         self, dimension: str, low: float, high: float
     ) -> list[tuple[str, int]]:
-        pipe = self.client.pipeline(transaction=False)
-        for shard in range(self.stats_shards):
-            pipe.zrangebyscore(keys.stats(shard, dimension), f"({low}", high)
         found: list[tuple[int, str]] = []
-        for shard, members in enumerate(await pipe.execute()):
-            found.extend((shard, _text(m)) for m in members)
+        for shard in range(self.stats_shards):  # a shard at a time: see BULK_SLICE
+            members = cast(
+                list[bytes],
+                await self.client.zrangebyscore(keys.stats(shard, dimension), f"({low}", high),
+            )
+            for start in range(0, len(members), BULK_SLICE):
+                found.extend((shard, _text(m)) for m in members[start : start + BULK_SLICE])
+                await asyncio.sleep(0)
         return await self._partitions_of(found)
 
     async def distribution(self) -> dict[str, int]:
@@ -640,15 +650,17 @@ class RedisStore:
         return await self._partitions_of(found)
 
     async def _partitions_of(self, found: list[tuple[int, str]]) -> list[tuple[str, int]]:
-        if not found:
-            return []
-        pipe = self.client.pipeline(transaction=False)
+        by_shard: dict[int, list[str]] = {}
         for shard, cid in found:
-            pipe.hget(keys.stats(shard, "meta"), cid)
+            by_shard.setdefault(shard, []).append(cid)
         out = []
-        for (_, cid), meta in zip(found, await pipe.execute(), strict=True):
-            if meta:  # "version|partition|..."
-                out.append((cid, int(_text(meta).split("|")[1])))
+        for shard, ids in by_shard.items():
+            for start in range(0, len(ids), BULK_SLICE):
+                part = ids[start : start + BULK_SLICE]
+                metas = await self.client.hmget(keys.stats(shard, "meta"), part)
+                for cid, meta in zip(part, metas, strict=True):
+                    if meta:  # "version|partition|..."
+                        out.append((cid, int(_text(meta).split("|")[1])))
         return out
 
     async def try_lock(self, ttl_s: int) -> bool:
@@ -676,12 +688,13 @@ class RedisStore:
     async def wake(self, entries: Sequence[tuple[str, int]]) -> None:
         """Put customers at the front of their partition's timer index (score 0), so the
         owning worker reclassifies them against a new snapshot."""
-        if not entries:
-            return
-        pipe = self.client.pipeline(transaction=False)
+        by_partition: dict[int, list[str]] = {}
         for customer_id, partition in entries:
-            pipe.zadd(keys.timer_index(partition), {customer_id: 0}, lt=True)
-        await pipe.execute()
+            by_partition.setdefault(partition, []).append(customer_id)
+        for partition, ids in by_partition.items():
+            for start in range(0, len(ids), BULK_SLICE):
+                members = dict.fromkeys(ids[start : start + BULK_SLICE], 0)
+                await self.client.zadd(keys.timer_index(partition), members, lt=True)
 
     async def scan(self) -> AsyncIterator[Stored]:
         batch: list[str] = []
