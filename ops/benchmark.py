@@ -181,6 +181,27 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+BULK_WORK_LOGGED = re.compile(
+    r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\].*?\] "
+    r"((?:published population snapshot|policy \S+ adopted).*?)\s*$"
+)
+
+
+def bulk_work_logged(log: str, start: float, seconds: float) -> list[list[Any]]:
+    """[seconds into the phase, message] for each snapshot published or policy adopted (the
+    work that wakes customers in bulk) that a worker logged within `seconds` from `start`
+    (epoch). Log times are the worker's local time, as Python's logging writes them."""
+    found: list[list[Any]] = []
+    for line in log.splitlines():
+        match = BULK_WORK_LOGGED.match(line)
+        if match is None:
+            continue
+        moment = time.mktime(time.strptime(match[1], "%Y-%m-%d %H:%M:%S")) + int(match[2]) / 1000
+        if start <= moment <= start + seconds:
+            found.append([round(moment - start, 2), match[3]])
+    return found
+
+
 def latency_summary(values_ms: Sequence[float]) -> dict[str, float | int | None]:
     """count, mean, p50, p95, p99 and max of latencies in milliseconds (None when empty)."""
     if not values_ms:
@@ -1171,6 +1192,8 @@ async def latency_phase(
         pending: dict[str, tuple[str, bytes, float]] = {}  # event id -> (key, needle, sent)
         applied: dict[str, float] = {}
         notified: dict[str, float] = {}
+        sent_offset: dict[str, float] = {}  # event id -> seconds into the offered load
+        phase_start = time.time()
         stopping = asyncio.Event()
         all_seen = asyncio.Event()
 
@@ -1191,6 +1214,7 @@ async def latency_phase(
                         _, needle, sent = pending[event_id]
                         if state and needle in state:
                             applied[event_id] = (seen_at - sent) * 1000
+                            sent_offset[event_id] = sent - phase_start
                             del pending[event_id]
                     check_all_seen()
                 await asyncio.sleep(0.002)
@@ -1226,9 +1250,18 @@ async def latency_phase(
         )
         meter.begin()
         pressure_before, pressure_t = cpu_pressure_seconds(), time.monotonic()
-        futures = []
+        # Delivery is checked by a callback per send, not by gathering every future at the end:
+        # a gather of the phase's ~26,000 futures took this process long enough that the
+        # probes sent last were seen applied late (the applied time is when this process looks).
+        failures: list[BaseException] = []
+
+        def delivered(future: asyncio.Future[Any]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                failures.append(future.exception())  # type: ignore[arg-type]
+
         sent = probes_sent = 0
         started = time.perf_counter()
+        phase_start = time.time()
         while (elapsed := time.perf_counter() - started) < duration:
             due = int(rate * elapsed)
             due_probes = min(probes, int(probes_per_s * elapsed) + 1)
@@ -1242,24 +1275,32 @@ async def latency_phase(
                     event_key(event_id).encode(),
                     send_ns / 1e9,
                 )
-                futures.append(await producer.send(topic, value, key=key))
+                (await producer.send(topic, value, key=key)).add_done_callback(delivered)
                 probes_sent += 1
                 sent += 1
             while sent < due:
                 cid = customer_id(rng.randrange(customers) + 1)
                 key, value = purchase(rng, f"{prefix}-{sent}", cid, time.time())
-                futures.append(await producer.send(topic, value, key=key))
+                (await producer.send(topic, value, key=key)).add_done_callback(delivered)
                 sent += 1
             await asyncio.sleep(0.002)
         offered_s = time.perf_counter() - started
-        batches = batch_figures(
-            batches_before, await asyncio.to_thread(batch_totals, workers), offered_s
-        )
-        await asyncio.gather(*futures)
+        await producer.flush()
+        if failures:
+            raise RuntimeError(
+                f"{len(failures)} sends failed in the latency phase: {failures[0]!r}"
+            )
 
         # 3. Wait for the stragglers, then for the worker(s) to drain the offered load.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_seen.wait(), timeout=30)
+        # Scraped once the probes are in: rendering /metrics takes the worker's event loop
+        # for a while, and scraped at the end of the offered load it delayed the last probes.
+        batches = batch_figures(
+            batches_before,
+            await asyncio.to_thread(batch_totals, workers),
+            time.perf_counter() - started,
+        )
         target = counts_before + sent
         lag_deadline = time.monotonic() + 30
         done = counts_before
@@ -1298,6 +1339,21 @@ async def latency_phase(
         "cpu_cores": cpu,
         "cpu_waiting_share": cpu_waiting,
         "batches": batches,
+        # When in the phase the tail happened: [seconds into the offered load, ms], slowest
+        # first; and the bulk work (snapshots, policy adoption) the workers logged meanwhile.
+        "slowest_applied": [
+            [round(sent_offset[event_id], 2), round(ms, 1)]
+            for event_id, ms in sorted(applied.items(), key=lambda item: -item[1])[:10]
+        ],
+        "bulk_work": [
+            entry
+            for w in workers
+            for entry in bulk_work_logged(
+                await asyncio.to_thread(Path(w.log_path).read_text, errors="replace"),
+                phase_start,
+                offered_s,
+            )
+        ],
     }
     say(
         f"(latency) applied {result['applied']}, notified {result['notified']}, "
@@ -1734,6 +1790,13 @@ def report(results: dict[str, Any]) -> str:
                     for op, (calls, ms) in sorted(batches.get("redis_steps", {}).items())
                 )
             )
+        if latency.get("slowest_applied"):
+            out.append(
+                "slowest applied (s into the phase: ms): "
+                + ", ".join(f"{at:g}: {ms:g}" for at, ms in latency["slowest_applied"])
+            )
+        for at, message in latency.get("bulk_work") or []:
+            out.append(f"at {at:g} s a worker logged: {message}")
         lrows = [
             [
                 name,

@@ -6,6 +6,7 @@ No services, no wall-clock assertions: the benchmark itself is run by hand (see 
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -86,6 +87,32 @@ def test_batch_figures_are_the_differences_of_two_scrapes() -> None:
     assert figures["redis_steps"] == {"load": [1.0, 2.0], "due": [0.5, 2.0]}
     idle = bench.batch_figures(before, before, seconds=20.0)
     assert idle["events_per_batch"] is None and idle["redis_steps"] == {}
+
+
+def test_bulk_work_logged_within_the_phase() -> None:
+    """The snapshot and policy lines a worker logged while the load was offered, in seconds
+    from the phase's start (log times are local, as logging writes them)."""
+    start = time.mktime(time.strptime("2026-11-26 06:35:46", "%Y-%m-%d %H:%M:%S"))
+    log = "\n".join(
+        [
+            "[2026-11-26 06:35:40,000] [7602] [INFO] published population snapshot v0 (1 "
+            "customers)",
+            "[2026-11-26 06:35:59,114] [7602] [INFO] policy 2026.11-1 adopted: woke 4000 customers "
+            "for re-evaluation ",
+            "[2026-11-26 06:35:59,500] [7602] [INFO] Timer Monitor.sampler woke up too late",
+            "[2026-11-26 06:35:59,791] [7602] [INFO] published population snapshot v1 (4000 "
+            "customers); woke 4000 for reclassification",
+            "[2026-11-26 06:36:07,000] [7602] [INFO] published population snapshot v2 (4000 "
+            "customers); woke 9 for reclassification",
+        ]
+    )
+    assert bench.bulk_work_logged(log, start, 20.0) == [
+        [13.11, "policy 2026.11-1 adopted: woke 4000 customers for re-evaluation"],
+        [
+            13.79,
+            "published population snapshot v1 (4000 customers); woke 4000 for reclassification",
+        ],
+    ]
 
 
 def test_throughput_counts_after_the_first_observation() -> None:
