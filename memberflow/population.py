@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from rules.policy import Policy
 from rules.segments import DIMENSIONS, Snapshot, quantile_ranks
@@ -90,7 +91,7 @@ async def publish(
     finally:
         await store.unlock()
     log.info(
-        "published population snapshot v%d (%d customers); woke %d for reclassification",
+        "published population snapshot v%d (%d customers); %d wake-ups for reclassification",
         new.version,
         new.customers,
         woken,
@@ -100,32 +101,35 @@ async def publish(
 
 async def _wake_changed(store: Store, policy: Policy, old: Snapshot | None, new: Snapshot) -> int:
     """A customer's flag `value > threshold` changes only if its value lies between the old
-    and the new threshold; so only those customers are woken."""
-    ranges: list[tuple[str, float, float]] = []
+    and the new threshold; so only those customers are woken. Returns the wake-ups sent (a
+    customer in two of the ranges is counted twice: counting distinct customers would mean
+    holding every id of a shop at a first snapshot)."""
     if old is None or (
         policy.segments.method == "score_mean"
         and any(int(old.mean_scores[d]) != int(new.mean_scores[d]) for d in DIMENSIONS)
     ):
-        ranges = [("r", float("-inf"), float("inf"))]  # everyone (first snapshot)
-    else:
-        for d in DIMENSIONS:
-            thresholds = [(old.means[d], new.means[d])]
-            thresholds += list(zip(old.cuts[d], new.cuts[d], strict=True))
-            for before, after in thresholds:
-                if before != after:
-                    ranges.append((d, min(before, after), max(before, after)))
-    # Customers written before any snapshot existed (or while a worker still had none). Woken
-    # range by range rather than gathered first: a first snapshot names every customer.
-    woken: set[str] = set()
-
-    async def wake(found: list[tuple[str, int]]) -> None:
-        await store.wake(found)
-        woken.update(customer_id for customer_id, _ in found)
-
-    await wake(await store.unclassified())
+        return await _wake_all(store, store.all_customers())  # everyone (first snapshot)
+    ranges: list[tuple[str, float, float]] = []
+    for d in DIMENSIONS:
+        thresholds = [(old.means[d], new.means[d])]
+        thresholds += list(zip(old.cuts[d], new.cuts[d], strict=True))
+        for before, after in thresholds:
+            if before != after:
+                ranges.append((d, min(before, after), max(before, after)))
+    # Customers written before any snapshot existed (or while a worker still had none).
+    woken = await _wake_all(store, store.unclassified())
     for dimension, low, high in ranges:
-        await wake(await store.customers_between(dimension, low, high))
-    return len(woken)
+        woken += await _wake_all(store, store.customers_between(dimension, low, high))
+    return woken
+
+
+async def _wake_all(store: Store, pages: AsyncIterator[list[tuple[str, int]]]) -> int:
+    """Wake every (customer, partition) of `pages`, a page at a time."""
+    woken = 0
+    async for page in pages:
+        await store.wake(page)
+        woken += len(page)
+    return woken
 
 
 async def adopt_policy(store: Store, policy: Policy, lock_ttl_s: int = 30) -> int | None:
@@ -140,12 +144,9 @@ async def adopt_policy(store: Store, policy: Policy, lock_ttl_s: int = 30) -> in
     try:
         if await store.policy_version() == policy.version:
             return None
-        customers = await store.all_customers()
-        await store.wake(customers)
+        woken = await _wake_all(store, store.all_customers())
         await store.set_policy_version(policy.version)
     finally:
         await store.unlock()
-    log.info(
-        "policy %s adopted: woke %d customers for re-evaluation", policy.version, len(customers)
-    )
-    return len(customers)
+    log.info("policy %s adopted: woke %d customers for re-evaluation", policy.version, woken)
+    return woken

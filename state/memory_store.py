@@ -114,12 +114,14 @@ class MemoryStore:
 
     async def customers_between(
         self, dimension: str, low: float, high: float
-    ) -> list[tuple[str, int]]:
-        return sorted(
+    ) -> AsyncIterator[list[tuple[str, int]]]:
+        found = sorted(
             (c.customer_id, c.partition)
             for c in self.contributions.values()
             if low < getattr(c, dimension) <= high
         )
+        for page in _pages(found):
+            yield page
 
     async def distribution(self) -> dict[str, int]:
         totals: dict[str, int] = {}
@@ -143,10 +145,12 @@ class MemoryStore:
     async def snapshot_version(self) -> int:
         return self._snapshot[0] if self._snapshot else 0
 
-    async def unclassified(self) -> list[tuple[str, int]]:
-        return sorted(
+    async def unclassified(self) -> AsyncIterator[list[tuple[str, int]]]:
+        found = sorted(
             (c.customer_id, c.partition) for c in self.contributions.values() if not c.segment
         )
+        for page in _pages(found):
+            yield page
 
     async def try_lock(self, ttl_s: int) -> bool:
         return True  # one process: nothing to exclude
@@ -160,8 +164,10 @@ class MemoryStore:
     async def set_policy_version(self, version: str) -> None:
         self._policy_version = version
 
-    async def all_customers(self) -> list[tuple[str, int]]:
-        return sorted((c.customer_id, c.partition) for c in self.contributions.values())
+    async def all_customers(self) -> AsyncIterator[list[tuple[str, int]]]:
+        found = sorted((c.customer_id, c.partition) for c in self.contributions.values())
+        for page in _pages(found):
+            yield page
 
     async def wake(self, entries: Sequence[tuple[str, int]]) -> None:
         for customer_id, partition in entries:
@@ -173,3 +179,7 @@ class MemoryStore:
 
     async def close(self) -> None:
         return None
+
+
+def _pages(found: list[tuple[str, int]], size: int = 100) -> list[list[tuple[str, int]]]:
+    return [found[start : start + size] for start in range(0, len(found), size)]

@@ -29,10 +29,11 @@ from state.store import Contribution, GapSample, Stored, TimerEntry, Write
 from streams.events import Notification
 
 # Bulk paths (a snapshot's wake-ups, a new policy's, which can name every customer) go to Redis
-# in slices of this many members, one command per slice, each awaited on its own: they run in
-# the worker's event loop beside the event batches, and one pipeline of a command per customer
-# held that loop for 42 ms at 4,000 customers and 178 ms at 40,000 (a latency spike for every
-# event queued meanwhile), growing with the shop.
+# in slices of this many members, one command per slice, each awaited on its own, and reach the
+# caller as pages of that size: they run in the worker's event loop beside the event batches,
+# and one pipeline of a command per customer held that loop for 42 ms at 4,000 customers and
+# 178 ms at 40,000 (a latency spike for every event queued meanwhile), growing with the shop,
+# as did the lists of every customer they built.
 BULK_SLICE = 500
 
 # KEYS[1] customer hash; ARGV[1] expected version; ARGV[2] state JSON; ARGV[3] outbox JSON or '';
@@ -602,17 +603,15 @@ class RedisStore:
 
     async def customers_between(
         self, dimension: str, low: float, high: float
-    ) -> list[tuple[str, int]]:
-        found: list[tuple[int, str]] = []
-        for shard in range(self.stats_shards):  # a shard at a time: see BULK_SLICE
+    ) -> AsyncIterator[list[tuple[str, int]]]:
+        for shard in range(self.stats_shards):  # a shard at a time, then in slices
             members = cast(
                 list[bytes],
                 await self.client.zrangebyscore(keys.stats(shard, dimension), f"({low}", high),
             )
             for start in range(0, len(members), BULK_SLICE):
-                found.extend((shard, _text(m)) for m in members[start : start + BULK_SLICE])
-                await asyncio.sleep(0)
-        return await self._partitions_of(found)
+                part = [_text(m) for m in members[start : start + BULK_SLICE]]
+                yield await self._partitions_of(shard, part)
 
     async def distribution(self) -> dict[str, int]:
         pipe = self.client.pipeline(transaction=False)
@@ -640,28 +639,28 @@ class RedisStore:
         raw = await self.client.get(keys.snapshot_version())
         return int(raw) if raw is not None else 0
 
-    async def unclassified(self) -> list[tuple[str, int]]:
-        pipe = self.client.pipeline(transaction=False)
+    async def unclassified(self) -> AsyncIterator[list[tuple[str, int]]]:
         for shard in range(self.stats_shards):
-            pipe.smembers(keys.stats(shard, "unclassified"))
-        found = [
-            (shard, _text(m)) for shard, members in enumerate(await pipe.execute()) for m in members
-        ]
-        return await self._partitions_of(found)
+            page: list[str] = []
+            async for member in self.client.sscan_iter(
+                keys.stats(shard, "unclassified"), count=BULK_SLICE
+            ):
+                page.append(_text(member))
+                if len(page) == BULK_SLICE:
+                    yield await self._partitions_of(shard, page)
+                    page = []
+            if page:
+                yield await self._partitions_of(shard, page)
 
-    async def _partitions_of(self, found: list[tuple[int, str]]) -> list[tuple[str, int]]:
-        by_shard: dict[int, list[str]] = {}
-        for shard, cid in found:
-            by_shard.setdefault(shard, []).append(cid)
-        out = []
-        for shard, ids in by_shard.items():
-            for start in range(0, len(ids), BULK_SLICE):
-                part = ids[start : start + BULK_SLICE]
-                metas = await self.client.hmget(keys.stats(shard, "meta"), part)
-                for cid, meta in zip(part, metas, strict=True):
-                    if meta:  # "version|partition|..."
-                        out.append((cid, int(_text(meta).split("|")[1])))
-        return out
+    async def _partitions_of(self, shard: int, ids: list[str]) -> list[tuple[str, int]]:
+        """(customer, partition) of a slice of one stats shard's customers."""
+        metas = await self.client.hmget(keys.stats(shard, "meta"), ids)
+        # meta: "version|partition|..."; a customer removed meanwhile has none.
+        return [
+            (cid, int(_text(meta).split("|")[1]))
+            for cid, meta in zip(ids, metas, strict=True)
+            if meta
+        ]
 
     async def try_lock(self, ttl_s: int) -> bool:
         return bool(await self.client.set(keys.snapshot_lock(), "1", nx=True, ex=ttl_s))
@@ -673,14 +672,18 @@ class RedisStore:
     async def set_policy_version(self, version: str) -> None:
         await self.client.set(keys.policy_version(), version)
 
-    async def all_customers(self) -> list[tuple[str, int]]:
-        found: list[tuple[str, int]] = []
+    async def all_customers(self) -> AsyncIterator[list[tuple[str, int]]]:
         for shard in range(self.stats_shards):
-            async for cid, meta in self.client.hscan_iter(keys.stats(shard, "meta"), count=1000):
-                name = cid.decode() if isinstance(cid, bytes) else cid
-                text = meta.decode() if isinstance(meta, bytes) else meta
-                found.append((name, int(text.split("|")[1])))
-        return found
+            page: list[tuple[str, int]] = []
+            async for cid, meta in self.client.hscan_iter(
+                keys.stats(shard, "meta"), count=BULK_SLICE
+            ):
+                page.append((_text(cid), int(_text(meta).split("|")[1])))
+                if len(page) == BULK_SLICE:
+                    yield page
+                    page = []
+            if page:
+                yield page
 
     async def unlock(self) -> None:
         await self.client.delete(keys.snapshot_lock())

@@ -132,10 +132,10 @@ class Store(Protocol):
         """For each value, how many customers have `dimension` <= value."""
         ...
 
-    async def customers_between(
+    def customers_between(
         self, dimension: str, low: float, high: float
-    ) -> list[tuple[str, int]]:
-        """(customer, partition) of customers with low < value <= high."""
+    ) -> AsyncIterator[list[tuple[str, int]]]:
+        """(customer, partition) of customers with low < value <= high, in pages."""
         ...
 
     async def distribution(self) -> dict[str, int]:
@@ -152,8 +152,9 @@ class Store(Protocol):
         """The current snapshot's version (0: none), cheap enough to read every batch."""
         ...
 
-    async def unclassified(self) -> list[tuple[str, int]]:
-        """(customer, partition) of customers not yet classified against any snapshot."""
+    def unclassified(self) -> AsyncIterator[list[tuple[str, int]]]:
+        """(customer, partition) of customers not yet classified against any snapshot, in
+        pages."""
         ...
 
     async def try_lock(self, ttl_s: int) -> bool: ...
@@ -162,8 +163,11 @@ class Store(Protocol):
 
     async def set_policy_version(self, version: str) -> None: ...
 
-    async def all_customers(self) -> list[tuple[str, int]]:
-        """(customer, partition) of every customer in the population statistics."""
+    def all_customers(self) -> AsyncIterator[list[tuple[str, int]]]:
+        """(customer, partition) of every customer in the population statistics, in pages.
+
+        These three name up to every customer of the shop (a first snapshot, a new policy):
+        pages, so that neither the caller nor the store holds them all at once."""
         ...
 
     async def unlock(self) -> None: ...

@@ -101,16 +101,16 @@ def test_bulk_work_logged_within_the_phase() -> None:
             "for re-evaluation ",
             "[2026-11-26 06:35:59,500] [7602] [INFO] Timer Monitor.sampler woke up too late",
             "[2026-11-26 06:35:59,791] [7602] [INFO] published population snapshot v1 (4000 "
-            "customers); woke 4000 for reclassification",
+            "customers); 4000 wake-ups for reclassification",
             "[2026-11-26 06:36:07,000] [7602] [INFO] published population snapshot v2 (4000 "
-            "customers); woke 9 for reclassification",
+            "customers); 9 wake-ups for reclassification",
         ]
     )
     assert bench.bulk_work_logged(log, start, 20.0) == [
         [13.11, "policy 2026.11-1 adopted: woke 4000 customers for re-evaluation"],
         [
             13.79,
-            "published population snapshot v1 (4000 customers); woke 4000 for reclassification",
+            "published population snapshot v1 (4000 customers); 4000 wake-ups for reclassification",
         ],
     ]
 
