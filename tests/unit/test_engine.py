@@ -625,6 +625,54 @@ def test_a_batch_asks_its_first_reads_together() -> None:
     asyncio.run(scenario())
 
 
+class FailingLoadStore(MemoryStore):
+    """The customers' load fails (not a transient error) while the event-clock and snapshot
+    reads are still waiting for their answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads_waiting = 0
+        self.reads_cancelled = 0
+
+    async def _slow_read(self) -> None:
+        self.reads_waiting += 1
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.reads_cancelled += 1
+            raise
+        finally:
+            self.reads_waiting -= 1
+
+    async def clock(self, shard: int | None = None) -> int | None:
+        await self._slow_read()
+        return await super().clock(shard)
+
+    async def snapshot_version(self) -> int:
+        await self._slow_read()
+        return await super().snapshot_version()
+
+    async def load(self, customer_ids: Sequence[str]) -> dict[str, Stored]:
+        await asyncio.sleep(0)  # the two reads are waiting by now
+        raise ValueError("stored state unreadable")
+
+
+def test_a_failed_read_leaves_no_other_read_running() -> None:
+    """When one of a batch's concurrent first reads fails, the others are cancelled and have
+    finished by the time the error reaches the caller, who may then close the Redis client
+    (asyncio.gather alone would leave them running on it)."""
+
+    async def scenario() -> None:
+        store = FailingLoadStore()
+        engine = make_engine(store, clock_mode="event")
+        with pytest.raises(ValueError, match="unreadable"):
+            await engine.process([GOOD_1])
+        assert store.reads_cancelled == 2
+        assert store.reads_waiting == 0
+
+    asyncio.run(scenario())
+
+
 # -- timers ----------------------------------------------------------------------------------
 
 FORMULA_DUE = 14 * DAY  # infant_formula: 21-day cycle, reminded 7 days ahead
