@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from redis.exceptions import BusyLoadingError, ClusterDownError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,6 +30,7 @@ from rules.customer import CustomerState, apply, epoch, evaluate_tier, evaluatio
 from rules.policy import Policy
 from rules.segments import Snapshot, grade_direction, reclassify
 from rules.timeline import Timer, advance, learned_interval, next_due
+from state.aio import together
 from state.store import (
     Contribution,
     GapSample,
@@ -117,21 +118,6 @@ class _Fold:
 
 async def _zero() -> int:
     return 0
-
-
-async def _together(*steps: Awaitable[Any]) -> list[Any]:
-    """Await `steps` concurrently; if one fails, cancel and await the rest before raising.
-    asyncio.gather leaves the others running: they kept using the Redis client the caller
-    then closed (or, in a worker, raced the restart), and a connection one of them opened
-    meanwhile was never closed."""
-    tasks = [asyncio.ensure_future(step) for step in steps]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 class Engine:
@@ -231,7 +217,7 @@ class Engine:
         if customers:
             # Independent reads, so concurrent: a batch waits for one round trip, not three
             # (at half load these were three of a batch's five waits on Redis).
-            global_clock, snapshot, loaded = await _together(
+            global_clock, snapshot, loaded = await together(
                 self.retry("clock", self._global_clock) if self.clock_mode == "event" else _zero(),
                 self.current_snapshot(),
                 self.retry("load", partial(self.store.load, customers)),

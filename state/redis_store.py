@@ -7,7 +7,6 @@ its partitions (a zombie after a rebalance) fail instead of overwriting newer st
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import inspect
 import json
@@ -25,6 +24,7 @@ from redis.exceptions import ClusterDownError, NoScriptError
 
 from rules.customer import CustomerState
 from state import keys
+from state.aio import together
 from state.store import Contribution, GapSample, Stored, TimerEntry, Write
 from streams.events import Notification
 
@@ -367,7 +367,7 @@ class RedisStore:
             client = await self._node_client(call_keys[0])
             groups.setdefault(str(id(client)), (client, []))[1].append(index)
         results: list[Any] = [None] * len(calls)
-        replies = await asyncio.gather(
+        replies = await together(
             *(
                 self._eval_group(client, sha, body, [calls[i] for i in indexes])
                 for client, indexes in groups.values()
