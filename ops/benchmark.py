@@ -1193,7 +1193,6 @@ async def latency_phase(
         applied: dict[str, float] = {}
         notified: dict[str, float] = {}
         sent_offset: dict[str, float] = {}  # event id -> seconds into the offered load
-        phase_start = time.time()
         stopping = asyncio.Event()
         all_seen = asyncio.Event()
 
@@ -1261,7 +1260,7 @@ async def latency_phase(
 
         sent = probes_sent = 0
         started = time.perf_counter()
-        phase_start = time.time()
+        phase_start = time.time()  # probes are sent from here on: poll_redis reads it after
         while (elapsed := time.perf_counter() - started) < duration:
             due = int(rate * elapsed)
             due_probes = min(probes, int(probes_per_s * elapsed) + 1)
