@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import json
 import pstats
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,29 +132,35 @@ def _one_run(tree: Path, args: argparse.Namespace, out: Path) -> float:
     return float(json.loads(out.read_text())["cpu_us_per_event"])
 
 
-def against(args: argparse.Namespace) -> dict[str, Any]:
-    """Alternate runs of `args.against` (a git worktree) and of this tree."""
+@contextlib.contextmanager
+def baseline_tree(ref: str, prefix: str) -> Iterator[tuple[Path, Path]]:
+    """(a temporary git worktree of `ref`, a scratch directory beside it), removed after."""
     here = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory(prefix="engine-bench-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         tree = Path(scratch) / "baseline"
         subprocess.run(
-            ["git", "worktree", "add", "--detach", "-q", str(tree), args.against],
-            cwd=here,
-            check=True,
+            ["git", "worktree", "add", "--detach", "-q", str(tree), ref], cwd=here, check=True
         )
         try:
-            baseline, change = [], []
-            for round_no in range(1, args.repeat + 1):
-                baseline.append(_one_run(tree, args, Path(scratch) / "baseline.json"))
-                change.append(_one_run(here, args, Path(scratch) / "change.json"))
-                print(
-                    f"round {round_no}/{args.repeat}: {args.against} {baseline[-1]} us/event, "
-                    f"this tree {change[-1]} us/event",
-                    flush=True,
-                )
+            yield tree, Path(scratch)
         finally:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(tree)], cwd=here, check=False
+            )
+
+
+def against(args: argparse.Namespace) -> dict[str, Any]:
+    """Alternate runs of `args.against` (a git worktree) and of this tree."""
+    here = Path(__file__).resolve().parents[1]
+    with baseline_tree(args.against, "engine-bench-") as (tree, scratch):
+        baseline, change = [], []
+        for round_no in range(1, args.repeat + 1):
+            baseline.append(_one_run(tree, args, scratch / "baseline.json"))
+            change.append(_one_run(here, args, scratch / "change.json"))
+            print(
+                f"round {round_no}/{args.repeat}: {args.against} {baseline[-1]} us/event, "
+                f"this tree {change[-1]} us/event",
+                flush=True,
             )
     return {
         "against": args.against,

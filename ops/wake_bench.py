@@ -26,7 +26,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
@@ -135,26 +134,20 @@ def report(label: str, result: dict[str, Any]) -> None:
 
 def against(ref: str, argv: Sequence[str]) -> list[dict[str, Any]]:
     """`ref`'s code (a temporary git worktree, with this script copied in), then this tree's."""
+    # Imported here: the copy run in `ref`'s tree must not need this tree's engine_bench.
+    from ops.engine_bench import baseline_tree
+
     here = Path(__file__).resolve().parents[1]
     results = []
-    with tempfile.TemporaryDirectory(prefix="wake-bench-") as scratch:
-        tree = Path(scratch) / "baseline"
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", "-q", str(tree), ref], cwd=here, check=True
-        )
-        try:
-            shutil.copy(Path(__file__), tree / "ops" / "wake_bench.py")
-            for label, code in ((ref, tree), ("this tree", here)):
-                out = Path(scratch) / "figures.json"
-                command = [sys.executable, str(code / "ops" / "wake_bench.py"), *argv]
-                subprocess.run(
-                    [*command, f"--json={out}"], cwd=code, check=True, stdout=subprocess.DEVNULL
-                )
-                results.append({"code": label, **json.loads(out.read_text())})
-        finally:
+    with baseline_tree(ref, "wake-bench-") as (tree, scratch):
+        shutil.copy(Path(__file__), tree / "ops" / "wake_bench.py")
+        for label, code in ((ref, tree), ("this tree", here)):
+            out = scratch / "figures.json"
+            command = [sys.executable, str(code / "ops" / "wake_bench.py"), *argv]
             subprocess.run(
-                ["git", "worktree", "remove", "--force", str(tree)], cwd=here, check=False
+                [*command, f"--json={out}"], cwd=code, check=True, stdout=subprocess.DEVNULL
             )
+            results.append({"code": label, **json.loads(out.read_text())})
     return results
 
 
