@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	# The ops scripts are not a package (each runs as a script): one mypy run each.
-	for script in ops/benchmark.py ops/engine_bench.py ops/wake_bench.py ops/bench_consume_only.py ops/bench_naive.py; do \
+	for script in ops/benchmark.py ops/engine_bench.py ops/wake_bench.py ops/broker_bench.py ops/bench_consume_only.py ops/bench_naive.py; do \
 		$(BIN)/mypy $$script || exit 1; \
 	done
 
