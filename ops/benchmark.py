@@ -28,7 +28,9 @@ Latency: with the memberflow worker(s) still running, fresh events are offered a
 (default: half the measured memberflow throughput) for ``--latency-seconds``. Among them are
 probe purchases whose event ids embed their send time (``lat-<run>-p<i>-<ns>``). Each probe
 customer got one small priming purchase before the timed phase, so the probe (400 EUR) makes it
-cross silver. Two latencies are measured per probe, both from the embedded send time:
+cross silver; the phase starts once the workers' counters have stopped moving after that (the
+primes are one large batch whose notifications and timers would otherwise fall in the phase).
+Two latencies are measured per probe, both from the embedded send time:
 
   applied   - until its event key appears in the customer's state in Redis (the harness polls
               the pending probes' state every 2 ms with one pipelined round trip);
@@ -43,7 +45,12 @@ to the broker that shares the two cores; alternating runs at 1,300 events/s: bro
 -> 0.58 cores, applied p99 144 / 242 ms at 1 ms against 78 / 87 ms at 5 ms.
 
 ``applied`` is the produce -> state-applied latency of the issue; ``notified`` adds the
-notification's produce and fetch and is what a downstream consumer experiences.
+notification's produce and fetch and is what a downstream consumer experiences. To tell where a
+slow probe waited, the phase also records when the broker acked each probe's send, prints the
+applied p50 / p99 of each tenth of the phase (a tail that grows through the phase is the
+broker filling up, one that is spread is not), and with ``--latency-input-reader`` runs a bare
+aiokafka consumer of the input topic beside the workers (produce -> fetched, the broker's part;
+it makes the broker serve one more consumer, so it is off by default).
 ``--latency-rounds N`` repeats the phase on the same worker(s) with fresh probe customers and
 prints each round's p99 with the worker's and the broker's CPU; the round with the median
 applied p99 is reported. On this machine kind successive rounds get slower because the
@@ -98,6 +105,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +256,9 @@ def parse_sizes(text: str) -> list[int]:
 def parse_probe_id(event_id: str) -> float | None:
     """The send time (epoch seconds) embedded in a probe event id, else None."""
     head, _, ns = event_id.rpartition("-")
-    if "-p" not in head or not ns.isdigit():
+    number = head.rpartition("-")[2]
+    # "<prefix>-p<n>-<ns>"; a prime ("<prefix>-prime-<i>") is not a probe.
+    if not (number[:1] == "p" and number[1:].isdigit() and ns.isdigit()):
         return None
     return int(ns) / 1e9
 
@@ -1151,6 +1161,12 @@ async def latency_phase(
         acks="all",
         linger_ms=bench.args.producer_linger_ms,
     )
+    input_reader = AIOKafkaConsumer(
+        bootstrap_servers=bench.broker.bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_wait_ms=consumer_fetch_wait_ms(bench.args),
+    )
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bench.broker.bootstrap,
         enable_auto_commit=False,
@@ -1180,6 +1196,11 @@ async def latency_phase(
             if time.monotonic() > deadline:
                 raise RuntimeError("probe customers were not primed within 90 s")
             await asyncio.sleep(0.2)
+        # The primes are one batch of `probes` new customers: applied is not done. Its
+        # notifications are still being produced and confirmed, and the clocks it moved may
+        # have made timers due. Measured from here, the phase's first probes waited for that
+        # (a 2,000-event batch took 350-375 ms after the primes were seen applied).
+        settled_s = await wait_quiet(workers)
 
         await consumer.topics()  # loads the metadata partitions_for_topic reads
         partitions = consumer.partitions_for_topic(bench.notifications_topic) or set()
@@ -1191,6 +1212,9 @@ async def latency_phase(
 
         pending: dict[str, tuple[str, bytes, float]] = {}  # event id -> (key, needle, sent)
         applied: dict[str, float] = {}
+        # event id -> ms from the send call to the broker's ack: the part of a probe's latency
+        # spent in this process's producer and the broker, before any worker could fetch it.
+        broker_acked: dict[str, float] = {}
         notified: dict[str, float] = {}
         sent_offset: dict[str, float] = {}  # event id -> seconds into the offered load
         stopping = asyncio.Event()
@@ -1231,7 +1255,40 @@ async def latency_phase(
                             notified[cause] = (seen_at - sent) * 1000
                 check_all_seen()
 
+        # event id -> ms from the send call to a bare consumer of the input topic seeing it
+        # (--latency-input-reader): with the broker ack above, it splits a slow probe into the
+        # broker's part and the worker's. Off by default: the broker serves one more consumer.
+        fetched: dict[str, float] = {}
+        probe_marker = f'"{prefix}-p'.encode()
+        reader_ready = asyncio.Event()
+
+        async def read_input() -> None:
+            await input_reader.start()
+            await input_reader.topics()
+            tps = [
+                TopicPartition(topic, p)
+                for p in sorted(input_reader.partitions_for_topic(topic) or [])
+            ]
+            input_reader.assign(tps)
+            await input_reader.seek_to_end(*tps)
+            for tp in tps:
+                await input_reader.position(tp)
+            reader_ready.set()
+            while not stopping.is_set():
+                batches = await input_reader.getmany(timeout_ms=50)
+                seen_at = time.time()
+                for records in batches.values():
+                    for record in records:
+                        if probe_marker in record.value:
+                            event_id = json.loads(record.value)["event_id"]
+                            sent = parse_probe_id(event_id)
+                            if sent is not None:
+                                fetched[event_id] = (seen_at - sent) * 1000
+
         tasks = [asyncio.create_task(poll_redis()), asyncio.create_task(read_notifications())]
+        if bench.args.latency_input_reader:
+            tasks.append(asyncio.create_task(read_input()))
+            await reader_ready.wait()
         counts_before = events_done(await asyncio.to_thread(worker_counts, workers))
         batches_before = await asyncio.to_thread(batch_totals, workers)
 
@@ -1258,6 +1315,10 @@ async def latency_phase(
             if not future.cancelled() and future.exception() is not None:
                 failures.append(future.exception())  # type: ignore[arg-type]
 
+        def probe_acked(event_id: str, sent_at: float, future: asyncio.Future[Any]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                broker_acked[event_id] = (time.time() - sent_at) * 1000
+
         sent = probes_sent = 0
         started = time.perf_counter()
         phase_start = time.time()  # probes are sent from here on: poll_redis reads it after
@@ -1274,7 +1335,9 @@ async def latency_phase(
                     event_key(event_id).encode(),
                     send_ns / 1e9,
                 )
-                (await producer.send(topic, value, key=key)).add_done_callback(delivered)
+                future = await producer.send(topic, value, key=key)
+                future.add_done_callback(delivered)
+                future.add_done_callback(partial(probe_acked, event_id, send_ns / 1e9))
                 probes_sent += 1
                 sent += 1
             while sent < due:
@@ -1323,6 +1386,7 @@ async def latency_phase(
     finally:
         await producer.stop()
         await consumer.stop()
+        await input_reader.stop()
         await redis.aclose()
 
     result = {
@@ -1333,15 +1397,26 @@ async def latency_phase(
         "events_processed": done - counts_before,
         "drained_after_s": drained_after_s,
         "probes": probes,
+        "settled_before_s": settled_s,
         "applied": latency_summary(list(applied.values())),
+        "broker_acked": latency_summary(list(broker_acked.values())),
+        # Applied p50/p99 per tenth of the phase: whether the tail is spread or grows with time.
+        "applied_by_tenth": by_tenth(applied, sent_offset, offered_s),
+        "fetched": latency_summary(list(fetched.values())),
         "notified": latency_summary(list(notified.values())),
         "cpu_cores": cpu,
         "cpu_waiting_share": cpu_waiting,
         "batches": batches,
         # When in the phase the tail happened: [seconds into the offered load, ms], slowest
         # first; and the bulk work (snapshots, policy adoption) the workers logged meanwhile.
+        # [seconds into the offered load, ms applied, ms of it until the broker acked]
         "slowest_applied": [
-            [round(sent_offset[event_id], 2), round(ms, 1)]
+            [
+                round(sent_offset[event_id], 2),
+                round(ms, 1),
+                round(broker_acked[event_id], 1) if event_id in broker_acked else None,
+                round(fetched[event_id], 1) if event_id in fetched else None,
+            ]
             for event_id, ms in sorted(applied.items(), key=lambda item: -item[1])[:10]
         ],
         "bulk_work": [
@@ -1359,6 +1434,49 @@ async def latency_phase(
         f"processed {result['events_processed']:,}/{sent:,}"
     )
     return result
+
+
+async def wait_quiet(
+    workers: Sequence[WorkerProcess], quiet_s: float = 0.5, timeout_s: float = 20.0
+) -> float:
+    """Wait until the workers' event, notification and trigger counters stop moving for
+    `quiet_s` (at most `timeout_s`); returns the seconds waited."""
+    started = time.monotonic()
+    last = await asyncio.to_thread(worker_counts, workers)
+    while time.monotonic() - started < timeout_s:
+        await asyncio.sleep(quiet_s)
+        now = await asyncio.to_thread(worker_counts, workers)
+        if now == last:
+            break
+        last = now
+    return round(time.monotonic() - started, 2)
+
+
+def by_tenth(
+    latency_ms: dict[str, float], offsets: dict[str, float], seconds: float
+) -> list[list[float | None]]:
+    """[p50, p99] of the latencies sent in each tenth of a `seconds`-long phase."""
+    tenths: list[list[float]] = [[] for _ in range(10)]
+    for key, ms in latency_ms.items():
+        index = min(9, max(0, int(offsets[key] / seconds * 10))) if seconds > 0 else 0
+        tenths[index].append(ms)
+    return [
+        [round(percentile(v, 50), 1), round(percentile(v, 99), 1)] if v else [None, None]
+        for v in tenths
+    ]
+
+
+def slowest_text(entry: Sequence[Any]) -> str:
+    """A slowest probe as "at: ms", then "(ms until the broker acked)" and "[ms until a bare
+    consumer fetched it]" where measured (results written before them have fewer fields)."""
+    at, ms = entry[0], entry[1]
+    acked = entry[2] if len(entry) > 2 else None
+    fetched = entry[3] if len(entry) > 3 else None
+    return (
+        f"{at:g}: {ms:g}"
+        + ("" if acked is None else f" ({acked:g})")
+        + ("" if fetched is None else f" [{fetched:g}]")
+    )
 
 
 def median_round(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -1791,8 +1909,13 @@ def report(results: dict[str, Any]) -> str:
             )
         if latency.get("slowest_applied"):
             out.append(
-                "slowest applied (s into the phase: ms): "
-                + ", ".join(f"{at:g}: {ms:g}" for at, ms in latency["slowest_applied"])
+                "slowest applied (s into the phase: ms, (broker ack), [bare consumer fetch]): "
+                + ", ".join(slowest_text(entry) for entry in latency["slowest_applied"])
+            )
+        if latency.get("applied_by_tenth"):
+            out.append(
+                "applied p50 / p99 by tenth of the phase (ms): "
+                + ", ".join(f"{p50} / {p99}" for p50, p99 in latency["applied_by_tenth"])
             )
         for at, message in latency.get("bulk_work") or []:
             out.append(f"at {at:g} s a worker logged: {message}")
@@ -1808,7 +1931,10 @@ def report(results: dict[str, Any]) -> str:
             for key, name in (
                 ("applied", "produce -> state in Redis"),
                 ("notified", "produce -> notification read"),
+                ("broker_acked", "produce -> acked by the broker (probes)"),
+                ("fetched", "produce -> fetched by a bare consumer (probes)"),
             )
+            if (latency.get(key) or {}).get("count")
         ]
         floor = latency.get("broker_floor")
         if floor:
@@ -2002,6 +2128,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "4.0's default]",
     )
     parser.add_argument(
+        "--latency-input-reader",
+        action="store_true",
+        help="diagnostic: a bare consumer of the input topic in the latency phase, to tell the "
+        "broker's delay from the worker's (the broker serves one more consumer)",
+    )
+    parser.add_argument(
         "--latency-rounds",
         type=int,
         help="fixed-load rounds; the one with the median applied p99 is reported (default 1)",
@@ -2120,6 +2252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "customers_sweep": args.customers_sweep,
             "sweep_prefill": args.sweep_prefill,
             "profile": args.profile,
+            "latency_input_reader": args.latency_input_reader,
             "seed": args.seed,
             "faust_fetch_max_wait_ms": consumer_fetch_wait_ms(args),
             "fetch_max_wait_patched": args.fetch_max_wait_ms is not None,

@@ -135,6 +135,45 @@ def test_parse_probe_id() -> None:
     )
     assert bench.parse_probe_id("lat-20260101-42") is None  # background event, no probe
     assert bench.parse_probe_id("b7-12") is None
+    # A probe customer's priming purchase is not a probe (its index is no send time).
+    assert bench.parse_probe_id("lat-20260101r0-prime-17") is None
+    assert bench.parse_probe_id("lat-20260101-px-1767225600123456789") is None
+
+
+def test_slowest_text_shows_what_was_measured() -> None:
+    assert bench.slowest_text([1.5, 210.0]) == "1.5: 210"  # results of older runs
+    assert bench.slowest_text([1.5, 210.0, 12.5]) == "1.5: 210 (12.5)"
+    assert bench.slowest_text([1.5, 210.0, 12.5, 180.0]) == "1.5: 210 (12.5) [180]"
+    assert bench.slowest_text([1.5, 210.0, None, 180.0]) == "1.5: 210 [180]"
+
+
+class _Counting:
+    """A worker whose /metrics counters move for the first `busy` scrapes."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy = busy
+        self.scrapes = 0
+
+    def metrics(self) -> dict[str, float]:
+        self.scrapes += 1
+        moved = min(self.scrapes, self.busy)
+        return {
+            'memberflow_events_total{outcome="applied"}': 100.0 * moved,
+            'memberflow_notifications_total{type="tier_upgraded"}': 3.0 * moved,
+            "memberflow_unrelated_gauge": float(self.scrapes),  # not a counter of work
+        }
+
+
+def test_wait_quiet_waits_until_the_counters_stop() -> None:
+    import asyncio
+
+    busy = _Counting(busy=4)
+    waited = asyncio.run(bench.wait_quiet([busy], quiet_s=0.01, timeout_s=5))
+    assert busy.scrapes == 5  # four moving readings, then one equal to the last
+    assert waited < 5
+    forever = _Counting(busy=10**6)
+    waited = asyncio.run(bench.wait_quiet([forever], quiet_s=0.01, timeout_s=0.1))
+    assert 0.1 <= waited < 1  # gives up at the timeout
 
 
 def test_top_frames_from_collapsed_stacks() -> None:
@@ -182,3 +221,13 @@ def test_format_table_aligns_numbers_right() -> None:
     assert lines[0].startswith("name")
     assert lines[2].endswith("1,000")
     assert lines[3].endswith("   20")
+
+
+def test_by_tenth_puts_each_latency_in_the_tenth_it_was_sent() -> None:
+    latency = {"a": 10.0, "b": 30.0, "c": 500.0, "d": 7.0}
+    sent = {"a": 0.0, "b": 0.5, "c": 19.9, "d": 20.0}  # "d": the phase's last instant
+    tenths = bench.by_tenth(latency, sent, seconds=20.0)
+    assert len(tenths) == 10
+    assert tenths[0] == [20.0, 29.8]  # a and b
+    assert tenths[9] == [253.5, 495.1]  # c and d
+    assert tenths[1:9] == [[None, None]] * 8
