@@ -115,7 +115,7 @@ def register(app: faust.App, runtime: Runtime) -> None:
             _die("unexpected error publishing a snapshot; stopping")
 
     @app.task
-    async def freeze_startup_objects() -> None:
+    async def settle_heap_once_started() -> None:
         settle_heap()
 
     @app.agent(purchases, concurrency=1, name="memberflow.purchases")
