@@ -1146,7 +1146,7 @@ async def latency_phase(
     customers: int,
     round_no: int = 0,
 ) -> dict[str, Any]:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     from state.redis_store import connect
 
@@ -1202,13 +1202,7 @@ async def latency_phase(
         # (a 2,000-event batch took 350-375 ms after the primes were seen applied).
         settled_s = await wait_quiet(workers)
 
-        await consumer.topics()  # loads the metadata partitions_for_topic reads
-        partitions = consumer.partitions_for_topic(bench.notifications_topic) or set()
-        tps = [TopicPartition(bench.notifications_topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
+        await read_from_end(consumer, bench.notifications_topic)
 
         pending: dict[str, tuple[str, bytes, float]] = {}  # event id -> (key, needle, sent)
         applied: dict[str, float] = {}
@@ -1264,15 +1258,7 @@ async def latency_phase(
 
         async def read_input() -> None:
             await input_reader.start()
-            await input_reader.topics()
-            tps = [
-                TopicPartition(topic, p)
-                for p in sorted(input_reader.partitions_for_topic(topic) or [])
-            ]
-            input_reader.assign(tps)
-            await input_reader.seek_to_end(*tps)
-            for tp in tps:
-                await input_reader.position(tp)
+            await read_from_end(input_reader, topic)
             reader_ready.set()
             while not stopping.is_set():
                 batches = await input_reader.getmany(timeout_ms=50)
@@ -1401,7 +1387,9 @@ async def latency_phase(
         "applied": latency_summary(list(applied.values())),
         "broker_acked": latency_summary(list(broker_acked.values())),
         # Applied p50/p99 per tenth of the phase: whether the tail is spread or grows with time.
-        "applied_by_tenth": by_tenth(applied, sent_offset, offered_s),
+        "applied_by_tenth": by_part(
+            ((sent_offset[key], ms) for key, ms in applied.items()), offered_s, parts=10
+        ),
         "fetched": latency_summary(list(fetched.values())),
         "notified": latency_summary(list(notified.values())),
         "cpu_cores": cpu,
@@ -1452,18 +1440,34 @@ async def wait_quiet(
     return round(time.monotonic() - started, 2)
 
 
-def by_tenth(
-    latency_ms: dict[str, float], offsets: dict[str, float], seconds: float
+def by_part(
+    samples: Iterable[tuple[float, float]], seconds: float, parts: int
 ) -> list[list[float | None]]:
-    """[p50, p99] of the latencies sent in each tenth of a `seconds`-long phase."""
-    tenths: list[list[float]] = [[] for _ in range(10)]
-    for key, ms in latency_ms.items():
-        index = min(9, max(0, int(offsets[key] / seconds * 10))) if seconds > 0 else 0
-        tenths[index].append(ms)
+    """[p50, p99] of the latencies (seconds into the phase it was sent, ms) sent in each of
+    `parts` equal parts of a `seconds`-long phase (a straggler past the end counts in the last)."""
+    split: list[list[float]] = [[] for _ in range(parts)]
+    for offset, ms in samples:
+        index = int(offset / seconds * parts) if seconds > 0 else 0
+        split[min(parts - 1, max(0, index))].append(ms)
     return [
         [round(percentile(v, 50), 1), round(percentile(v, 99), 1)] if v else [None, None]
-        for v in tenths
+        for v in split
     ]
+
+
+async def read_from_end(consumer: Any, topic: str) -> None:
+    """Assign every partition of `topic` to a started aiokafka consumer, positioned at the end
+    (only what is produced from now on is read)."""
+    from aiokafka import TopicPartition
+
+    await consumer.topics()  # loads the metadata partitions_for_topic reads
+    partitions = [
+        TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])
+    ]
+    consumer.assign(partitions)
+    await consumer.seek_to_end(*partitions)
+    for tp in partitions:
+        await consumer.position(tp)
 
 
 def slowest_text(entry: Sequence[Any]) -> str:

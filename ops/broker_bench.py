@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -29,24 +28,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memberflow.services import LocalBroker
-from ops.benchmark import percentile
+from ops.benchmark import by_part, cpu_seconds, percentile, read_from_end
 
 SIXTHS = 6
 PARTITIONS = 4
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def by_sixth(samples: Sequence[tuple[float, float]], seconds: float) -> list[list[float]]:
-    """[p50, p99] of the latencies (sent offset, ms) sent in each sixth of the round."""
-    sixths: list[list[float]] = [[] for _ in range(SIXTHS)]
-    for offset, ms in samples:
-        sixths[min(SIXTHS - 1, max(0, int(offset / seconds * SIXTHS)))].append(ms)
-    return [[round(percentile(v, 50), 1), round(percentile(v, 99), 1)] if v else [] for v in sixths]
 
 
 async def fill(bootstrap: str, topic: str, count: int) -> None:
@@ -70,7 +55,7 @@ async def fill(bootstrap: str, topic: str, count: int) -> None:
 
 
 async def one_round(broker: LocalBroker, topic: str, rate: float, seconds: float) -> dict[str, Any]:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5)
     consumer = AIOKafkaConsumer(
@@ -86,11 +71,7 @@ async def one_round(broker: LocalBroker, topic: str, rate: float, seconds: float
     samples: list[tuple[float, float]] = []
     stopping = asyncio.Event()
     try:
-        partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(partitions)
-        await consumer.seek_to_end(*partitions)
-        for tp in partitions:
-            await consumer.position(tp)
+        await read_from_end(consumer, topic)
         started_at = time.time()
 
         async def consume() -> None:
@@ -104,7 +85,7 @@ async def one_round(broker: LocalBroker, topic: str, rate: float, seconds: float
                             samples.append((sent - started_at, (now - sent) * 1000))
 
         task = asyncio.create_task(consume())
-        cpu_before, sent, began = cpu_seconds(pid), 0, time.perf_counter()
+        cpu_before, sent, began = cpu_seconds(pid) or 0.0, 0, time.perf_counter()
         while (elapsed := time.perf_counter() - began) < seconds:
             while sent < int(rate * elapsed):
                 value = b"t%r|" % time.time() + b"x" * 180
@@ -115,7 +96,7 @@ async def one_round(broker: LocalBroker, topic: str, rate: float, seconds: float
         await asyncio.sleep(1.0)
         stopping.set()
         await task
-        cores = (cpu_seconds(pid) - cpu_before) / (time.perf_counter() - began)
+        cores = ((cpu_seconds(pid) or 0.0) - cpu_before) / (time.perf_counter() - began)
     finally:
         await producer.stop()
         await consumer.stop()
@@ -126,7 +107,7 @@ async def one_round(broker: LocalBroker, topic: str, rate: float, seconds: float
         "received": len(samples),
         "broker_cores": round(cores, 2),
         "p99_ms": round(percentile(latencies, 99), 1) if latencies else None,
-        "by_sixth": by_sixth(samples, seconds),
+        "by_sixth": by_part(samples, seconds, SIXTHS),
     }
 
 
@@ -141,7 +122,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(
                 f"round {index + 1}, topic {result['topic']}: broker {result['broker_cores']} "
                 "cores; p50 / p99 ms by sixth: "
-                + ", ".join(f"{s[0]} / {s[1]}" if s else "-" for s in result["by_sixth"]),
+                + ", ".join(f"{p50} / {p99}" for p50, p99 in result["by_sixth"]),
                 flush=True,
             )
             results.append(result)

@@ -223,11 +223,28 @@ def test_format_table_aligns_numbers_right() -> None:
     assert lines[3].endswith("   20")
 
 
-def test_by_tenth_puts_each_latency_in_the_tenth_it_was_sent() -> None:
-    latency = {"a": 10.0, "b": 30.0, "c": 500.0, "d": 7.0}
-    sent = {"a": 0.0, "b": 0.5, "c": 19.9, "d": 20.0}  # "d": the phase's last instant
-    tenths = bench.by_tenth(latency, sent, seconds=20.0)
+def test_by_part_puts_each_latency_in_the_part_it_was_sent() -> None:
+    # (seconds into the phase it was sent, ms); the last one is the phase's last instant
+    samples = [(0.0, 10.0), (0.5, 30.0), (19.9, 500.0), (20.0, 7.0)]
+    tenths = bench.by_part(samples, seconds=20.0, parts=10)
     assert len(tenths) == 10
-    assert tenths[0] == [20.0, 29.8]  # a and b
-    assert tenths[9] == [253.5, 495.1]  # c and d
+    assert tenths[0] == [20.0, 29.8]  # the first two
+    assert tenths[9] == [253.5, 495.1]  # the last two
     assert tenths[1:9] == [[None, None]] * 8
+    sixths = bench.by_part([(4.9, 30.0), (5.0, 100.0), (31.0, 9.0)], seconds=30.0, parts=6)
+    assert sixths[0] == [30.0, 30.0]
+    assert sixths[1] == [100.0, 100.0]
+    assert sixths[5] == [9.0, 9.0]  # a straggler past the end counts in the last part
+
+
+def test_cpu_seconds_grows_with_work_and_is_none_for_no_process() -> None:
+    import os
+
+    before = bench.cpu_seconds(os.getpid())
+    assert before is not None
+    total = 0
+    while (bench.cpu_seconds(os.getpid()) or 0.0) - before < 0.05:
+        total += sum(range(10_000))
+    assert total > 0
+    assert bench.cpu_seconds(None) is None
+    assert bench.cpu_seconds(2**22 + 12345) is None  # above Linux's pid limit: no such process
