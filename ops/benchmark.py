@@ -1397,7 +1397,8 @@ async def latency_phase(
         "batches": batches,
         # When in the phase the tail happened: [seconds into the offered load, ms], slowest
         # first; and the bulk work (snapshots, policy adoption) the workers logged meanwhile.
-        # [seconds into the offered load, ms applied, ms of it until the broker acked]
+        # [seconds into the offered load, ms applied, ms until the broker acked the send,
+        # ms until the bare consumer fetched it (--latency-input-reader)]
         "slowest_applied": [
             [
                 round(sent_offset[event_id], 2),
