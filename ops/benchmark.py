@@ -1306,10 +1306,17 @@ async def latency_phase(
                 broker_acked[event_id] = (time.time() - sent_at) * 1000
 
         sent = probes_sent = 0
+        # --latency-burst: that many extra events sent at once a quarter into the phase (a
+        # flash sale on top of the steady load); the per-tenth figures show the recovery.
+        burst, burst_at = bench.args.latency_burst, duration / 4
+        burst_sent_at: float | None = None
+        extra = 0
         started = time.perf_counter()
         phase_start = time.time()  # probes are sent from here on: poll_redis reads it after
         while (elapsed := time.perf_counter() - started) < duration:
-            due = int(rate * elapsed)
+            due = events_due(rate, elapsed, burst, burst_at)
+            if burst and burst_sent_at is None and elapsed >= burst_at:
+                burst_sent_at, extra = round(elapsed, 2), burst
             due_probes = min(probes, int(probes_per_s * elapsed) + 1)
             while probes_sent < due_probes:
                 send_ns = time.time_ns()
@@ -1377,7 +1384,8 @@ async def latency_phase(
 
     result = {
         "offered_rate": round(rate),
-        "achieved_rate": round(sent / offered_s),
+        "achieved_rate": round((sent - extra) / offered_s),
+        "burst": {"events": extra, "at_s": burst_sent_at} if extra else None,
         "seconds": round(offered_s, 2),
         "events_sent": sent,
         "events_processed": done - counts_before,
@@ -1390,6 +1398,14 @@ async def latency_phase(
         "applied_by_tenth": by_part(
             ((sent_offset[key], ms) for key, ms in applied.items()), offered_s, parts=10
         ),
+        # With a burst: per second, to see how long the backlog it made took to clear.
+        "applied_by_second": by_part(
+            ((sent_offset[key], ms) for key, ms in applied.items()),
+            offered_s,
+            parts=max(1, round(offered_s)),
+        )
+        if extra
+        else None,
         "fetched": latency_summary(list(fetched.values())),
         "notified": latency_summary(list(notified.values())),
         "cpu_cores": cpu,
@@ -1423,6 +1439,12 @@ async def latency_phase(
         f"processed {result['events_processed']:,}/{sent:,}"
     )
     return result
+
+
+def events_due(rate: float, elapsed: float, burst: int = 0, burst_at: float = 0.0) -> int:
+    """How many events the latency phase has offered `elapsed` s in: `rate` per second, plus
+    `burst` sent at once at `burst_at` s."""
+    return int(rate * elapsed) + (burst if burst and elapsed >= burst_at else 0)
 
 
 async def wait_quiet(
@@ -1917,6 +1939,12 @@ def report(results: dict[str, Any]) -> str:
                 "slowest applied (s into the phase: ms, (broker ack), [bare consumer fetch]): "
                 + ", ".join(slowest_text(entry) for entry in latency["slowest_applied"])
             )
+        if latency.get("burst"):
+            out.append(
+                f"burst: {latency['burst']['events']:,} extra events sent at once "
+                f"{latency['burst']['at_s']:g} s into the phase; applied p50 / p99 by second "
+                "(ms): " + ", ".join(f"{p50} / {p99}" for p50, p99 in latency["applied_by_second"])
+            )
         if latency.get("applied_by_tenth"):
             out.append(
                 "applied p50 / p99 by tenth of the phase (ms): "
@@ -2139,6 +2167,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "broker's delay from the worker's (the broker serves one more consumer)",
     )
     parser.add_argument(
+        "--latency-burst",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N extra events sent at once a quarter into the latency phase, on top of the "
+        "offered rate: how quickly latency recovers after a burst (default: none)",
+    )
+    parser.add_argument(
         "--latency-rounds",
         type=int,
         help="fixed-load rounds; the one with the median applied p99 is reported (default 1)",
@@ -2258,6 +2294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "sweep_prefill": args.sweep_prefill,
             "profile": args.profile,
             "latency_input_reader": args.latency_input_reader,
+            "latency_burst": args.latency_burst,
             "seed": args.seed,
             "faust_fetch_max_wait_ms": consumer_fetch_wait_ms(args),
             "fetch_max_wait_patched": args.fetch_max_wait_ms is not None,

@@ -248,3 +248,10 @@ def test_cpu_seconds_grows_with_work_and_is_none_for_no_process() -> None:
     assert total > 0
     assert bench.cpu_seconds(None) is None
     assert bench.cpu_seconds(2**22 + 12345) is None  # above Linux's pid limit: no such process
+
+
+def test_events_due_adds_a_burst_once_its_time_has_come() -> None:
+    assert bench.events_due(1000, 2.5) == 2500
+    assert bench.events_due(1000, 2.5, burst=3000, burst_at=5.0) == 2500
+    assert bench.events_due(1000, 5.0, burst=3000, burst_at=5.0) == 8000
+    assert bench.events_due(1000, 7.25, burst=3000, burst_at=5.0) == 10250
