@@ -50,7 +50,10 @@ slow probe waited, the phase also records when the broker acked each probe's sen
 applied p50 / p99 of each tenth of the phase (a tail that grows through the phase is the
 broker filling up, one that is spread is not), and with ``--latency-input-reader`` runs a bare
 aiokafka consumer of the input topic beside the workers (produce -> fetched, the broker's part;
-it makes the broker serve one more consumer, so it is off by default).
+it makes the broker serve one more consumer, so it is off by default) and the worker's part of
+each probe (fetched -> state in Redis, applied less fetched).
+``--latency-burst N`` sends N extra events at once a quarter into the phase and prints applied
+p50 / p99 per second: how long the backlog of a burst takes to clear at half load.
 ``--latency-rounds N`` repeats the phase on the same worker(s) with fresh probe customers and
 prints each round's p99 with the worker's and the broker's CPU; the round with the median
 applied p99 is reported. On this machine kind successive rounds get slower because the
@@ -1407,6 +1410,10 @@ async def latency_phase(
         if extra
         else None,
         "fetched": latency_summary(list(fetched.values())),
+        # The worker's part of each probe (--latency-input-reader): applied less fetched.
+        "after_fetch": latency_summary(
+            [applied[key] - fetched[key] for key in applied if key in fetched]
+        ),
         "notified": latency_summary(list(notified.values())),
         "cpu_cores": cpu,
         "cpu_waiting_share": cpu_waiting,
@@ -1966,6 +1973,7 @@ def report(results: dict[str, Any]) -> str:
                 ("notified", "produce -> notification read"),
                 ("broker_acked", "produce -> acked by the broker (probes)"),
                 ("fetched", "produce -> fetched by a bare consumer (probes)"),
+                ("after_fetch", "fetched -> state in Redis (the worker's part)"),
             )
             if (latency.get(key) or {}).get("count")
         ]
