@@ -1310,7 +1310,7 @@ async def latency_phase(
 
         sent = probes_sent = 0
         # --latency-burst: that many extra events sent at once a quarter into the phase (a
-        # flash sale on top of the steady load); the per-tenth figures show the recovery.
+        # flash sale on top of the steady load); the per-second figures show the recovery.
         burst, burst_at = bench.args.latency_burst, duration / 4
         burst_sent_at: float | None = None
         extra = 0
