@@ -76,42 +76,42 @@ for i = 1, #KEYS do out[i] = redis.call('HMGET', KEYS[i], 'v', 's', 'o', 'g') en
 return out
 """
 
-# KEYS: per write its customer hash and its partition's timer index. ARGV[1]: a JSON list with
-# per write [expected version, state, outbox, gap samples, customer id, earlier due or ''] (one
-# argument: redis-py encodes each argument in Python, cjson decodes the lot in C). Returns the
-# new version per write, -1 on a version conflict (the index entry only ever moves earlier).
+# KEYS: per write its customer hash and its partition's timer index. ARGV: six per write,
+# [expected version, state, outbox, gap samples, customer id, earlier due or ''], flat: hiredis
+# packs the arguments in C, and a state travels as itself, not escaped inside a JSON document
+# that Python encodes and cjson decodes. Returns the new version per write, -1 on a version
+# conflict (the index entry only ever moves earlier).
 SAVE_MANY_LUA = """
-local rows = cjson.decode(ARGV[1])
 local out = {}
-for i, row in ipairs(rows) do
-  local customer, index = KEYS[2 * i - 1], KEYS[2 * i]
-  if row[6] ~= '' then redis.call('ZADD', index, 'LT', row[6], row[5]) end
+for i = 1, #KEYS / 2 do
+  local customer, index, a = KEYS[2 * i - 1], KEYS[2 * i], 6 * (i - 1)
+  if ARGV[a + 6] ~= '' then redis.call('ZADD', index, 'LT', ARGV[a + 6], ARGV[a + 5]) end
   local current = tonumber(redis.call('HGET', customer, 'v') or '0')
-  if current ~= tonumber(row[1]) then
+  if current ~= tonumber(ARGV[a + 1]) then
     out[i] = -1
   else
     out[i] = current + 1
-    redis.call('HSET', customer, 'v', current + 1, 's', row[2])
-    if row[3] == '' then redis.call('HDEL', customer, 'o')
-    else redis.call('HSET', customer, 'o', row[3]) end
-    if row[4] == '' then redis.call('HDEL', customer, 'g')
-    else redis.call('HSET', customer, 'g', row[4]) end
+    redis.call('HSET', customer, 'v', current + 1, 's', ARGV[a + 2])
+    if ARGV[a + 3] == '' then redis.call('HDEL', customer, 'o')
+    else redis.call('HSET', customer, 'o', ARGV[a + 3]) end
+    if ARGV[a + 4] == '' then redis.call('HDEL', customer, 'g')
+    else redis.call('HSET', customer, 'g', ARGV[a + 4]) end
   end
 end
 return out
 """
 
-# KEYS: per customer its hash and its partition's timer index. ARGV[1]: a JSON list with per
-# customer [id, the version whose outbox was produced and gap samples counted or '', its exact
-# next due time or '']. CLEAR_OUTBOX_LUA and an exact ZADD for each.
+# KEYS: per customer its hash and its partition's timer index. ARGV: three per customer,
+# [id, the version whose outbox was produced and gap samples counted or '', its exact next due
+# time or ''], flat (as SAVE_MANY_LUA). CLEAR_OUTBOX_LUA and an exact ZADD for each.
 CONFIRM_MANY_LUA = """
-local rows = cjson.decode(ARGV[1])
-for i, row in ipairs(rows) do
-  local customer, index = KEYS[2 * i - 1], KEYS[2 * i]
-  if row[2] ~= '' and tonumber(redis.call('HGET', customer, 'v') or '0') == tonumber(row[2]) then
+for i = 1, #KEYS / 2 do
+  local customer, index, a = KEYS[2 * i - 1], KEYS[2 * i], 3 * (i - 1)
+  local version = ARGV[a + 2]
+  if version ~= '' and tonumber(redis.call('HGET', customer, 'v') or '0') == tonumber(version) then
     redis.call('HDEL', customer, 'o', 'g')
   end
-  if row[3] ~= '' then redis.call('ZADD', index, row[3], row[1]) end
+  if ARGV[a + 3] ~= '' then redis.call('ZADD', index, ARGV[a + 3], ARGV[a + 1]) end
 end
 return 0
 """
@@ -444,13 +444,13 @@ class RedisStore:
         many: list[tuple[list[str], list[Any]]] = []
         for chunk in _chunks(list(zip(writes, calls, strict=True)), MANY_CHUNK):
             chunk_keys: list[str] = []
-            rows: list[list[Any]] = []
+            flat: list[str | int] = []
             for w, (call_keys, args) in chunk:
                 due = w.timer.due if w.timer is not None else None
                 shard = w.timer.shard if w.timer is not None else 0
                 chunk_keys += [call_keys[0], keys.timer_index(shard)]
-                rows.append([*args, w.customer_id, "" if due is None else str(due)])
-            many.append((chunk_keys, [_json_arg(rows)]))
+                flat += [*args, w.customer_id, "" if due is None else due]
+            many.append((chunk_keys, flat))
         replies = await self._eval_many(SAVE_MANY_LUA, many)
         return [result for reply in replies for result in reply]
 
@@ -484,14 +484,12 @@ class RedisStore:
         calls: list[tuple[list[str], list[Any]]] = []
         for chunk in _chunks(rows, MANY_CHUNK):
             chunk_keys: list[str] = []
-            json_rows: list[list[str]] = []
+            flat: list[str | int] = []
             for cid, version, entry in chunk:
                 due = entry.due if entry is not None else None
                 chunk_keys += [keys.customer(cid), keys.timer_index(entry.shard if entry else 0)]
-                json_rows.append(
-                    [cid, "" if version is None else str(version), "" if due is None else str(due)]
-                )
-            calls.append((chunk_keys, [_json_arg(json_rows)]))
+                flat += [cid, "" if version is None else version, "" if due is None else due]
+            calls.append((chunk_keys, flat))
         await self._eval_many(CONFIRM_MANY_LUA, calls)
 
     async def advance_clock(self, seconds: int, shard: int | None = None) -> int:
