@@ -29,7 +29,7 @@ from memberflow.population import current_snapshot
 from rules.customer import CustomerState, apply, epoch, evaluate_tier, evaluation_time, screen
 from rules.policy import Policy
 from rules.segments import Snapshot, grade_direction, reclassify
-from rules.timeline import Timer, advance, learned_interval, next_due
+from rules.timeline import Timer, advance, learned_interval, wake_at
 from state.aio import together
 from state.store import (
     Contribution,
@@ -328,7 +328,7 @@ class Engine:
                 expected_version=fold.stored.version,
                 state=fold.state,
                 outbox=tuple(fold.stored.outbox) + tuple(notifications),
-                timer=TimerEntry(fold.shard, next_due(fold.state, self.policy, self._learned)),
+                timer=TimerEntry(fold.shard, wake_at(fold.state, self.policy, self._learned)),
                 gaps=fold.stored.gaps + tuple(GapSample(c, d, version) for c, d in fold.gaps),
             )
 
@@ -395,15 +395,19 @@ class Engine:
         outcome.applied += f.applied
         outcome.duplicates += f.duplicates
         outcome.timers_fired += len(f.fired)
-        for timer in f.fired:
-            self.metrics.timer_lateness.observe(max(0, f.fired_at - timer.due))
+        # f.fired and f.effects are one entry per firing (advance()). A message deferred for
+        # quiet hours was woken at their end on purpose (wake_at): its lateness is its send's,
+        # which fires in the same pass and is measured from the end of the quiet hours.
+        for timer, (_, result) in zip(f.fired, f.effects, strict=False):
+            if result != "deferred_quiet_hours":
+                self.metrics.timer_lateness.observe(max(0, f.fired_at - timer.due))
         if f.state is not None:
             # Also for folds that wrote nothing (all duplicates): repairs the index and the
             # population statistics after a crash between the state write and confirm().
             due = (
                 f.write.timer.due
                 if f.write is not None and f.write.timer is not None
-                else next_due(f.state, self.policy, self._learned)
+                else wake_at(f.state, self.policy, self._learned)
             )
             outcome.timers[customer_id] = TimerEntry(f.shard, due)
             gaps = f.write.gaps if f.write is not None else f.stored.gaps

@@ -832,6 +832,51 @@ def test_process_due_in_wall_mode_fires_a_due_reminder_once() -> None:
     asyncio.run(scenario())
 
 
+def test_a_reminder_due_in_quiet_hours_is_woken_once_when_they_end() -> None:
+    """Woken at its due time (22:30 Berlin) it would only be deferred to 08:00: the index
+    points at 08:00, where one wake-up defers it and sends it, and its lateness is the
+    send's (measured from 08:00), not the ten hours since it was due."""
+
+    async def scenario() -> None:
+        evening = epoch(datetime(2026, 6, 1, 20, 30, tzinfo=UTC))  # 22:30 in Berlin
+        due = evening + FORMULA_DUE
+        quiet_end = epoch(datetime(2026, 6, 16, 6, 0, tzinfo=UTC))  # 08:00 in Berlin
+        store = MemoryStore()
+        clock = Clock(evening)
+        engine = timer_engine(store, clock)
+        bought = await engine.process([shopped(1, "f1", "c1", evening, partition=1)])
+        assert bought.timers == {"c1": TimerEntry(1, quiet_end)}
+        await engine.confirm(bought)
+        assert store.timers[1] == {"c1": quiet_end}
+
+        clock.now = due + 60
+        assert await engine.process_due(1) == BatchOutcome()  # nobody woken to be deferred
+        assert (await state_of(store, "c1")).version == 1
+
+        clock.now = quiet_end + 5
+        woken = await engine.process_due(1)
+        assert woken.timers_fired == 2  # deferred at its due time, then sent
+        assert reminders(woken) == [("c1", at(quiet_end), f"reminder:infant_formula@{evening}")]
+        (note,) = woken.notifications
+        assert note.explanation["deferred"] is True
+        assert note.explanation["scheduled_for"] == iso(due)
+        assert (await state_of(store, "c1")).version == 2  # one write for both steps
+        assert sample(engine, "memberflow_timer_lateness_seconds_sum") == 5
+        assert sample(engine, "memberflow_timer_lateness_seconds_count") == 1
+        for outcome in ("deferred_quiet_hours", "fired"):
+            assert (
+                sample(
+                    engine,
+                    "memberflow_triggers_total",
+                    trigger="repurchase_reminder",
+                    outcome=outcome,
+                )
+                == 1
+            )
+
+    asyncio.run(scenario())
+
+
 def test_process_due_stops_at_its_limit_earliest_first() -> None:
     async def scenario() -> None:
         store = MemoryStore()

@@ -29,6 +29,7 @@ from rules.timeline import (
     next_allowed,
     next_due,
     pending_timers,
+    wake_at,
 )
 from streams.events import Cause, Item, Notification, NotificationType, Purchase
 
@@ -323,6 +324,54 @@ def test_reminder_in_quiet_hours_is_deferred_to_the_morning_then_sent(
     )
     assert straight.notifications == (note,)
     assert straight.state == sent.state
+
+
+@pytest.mark.parametrize(
+    ("bought_at", "quiet_end"),
+    [
+        (utc(2026, 6, 1, 20, 30), utc(2026, 6, 16, 6, 0)),
+        (utc(2026, 1, 5, 21, 30), utc(2026, 1, 20, 7, 0)),
+        (utc(2026, 6, 1, 1, 0), utc(2026, 6, 15, 6, 0)),
+    ],
+    ids=["summer-evening", "winter-evening", "after-midnight"],
+)
+def test_a_reminder_due_in_quiet_hours_wakes_the_customer_once_at_their_end(
+    bought_at: int, quiet_end: int
+) -> None:
+    state = first_formula(bought_at)
+    due = bought_at + 14 * DAY
+    assert next_due(state, POLICY) == due
+    # Woken at its due time it would only be deferred: the index points past the quiet hours.
+    assert wake_at(state, POLICY) == quiet_end
+    # There, one advance defers it (at its own due time) and sends it, as two wake-ups did.
+    woken = moved(state, quiet_end)
+    assert woken.effects == (
+        ("repurchase_reminder", "deferred_quiet_hours"),
+        ("repurchase_reminder", "fired"),
+    )
+    held = moved(state, due)
+    sent = moved(held.state, quiet_end)
+    assert woken.notifications == sent.notifications
+    assert woken.state == sent.state
+    (note,) = woken.notifications
+    assert note.explanation["sent_at"] == iso(quiet_end)
+    assert note.explanation["scheduled_for"] == iso(due)
+
+
+def test_wake_at_is_the_earliest_due_when_no_message_waits_for_quiet_hours_to_end() -> None:
+    # Out of quiet hours (12:00 Berlin): the reminder's own due time.
+    state = first_formula()
+    assert wake_at(state, POLICY) == next_due(state, POLICY) == T0 + 14 * DAY
+    # A customer without timers: nothing to wake for.
+    assert wake_at(CustomerState(customer_id=CUSTOMER), POLICY) is None
+    # A reminder deferred into quiet hours, with a state timer (at risk) due before they end:
+    # the state timer is not held back.
+    evening = utc(2026, 6, 1, 20, 30)
+    lapsing = policy_with(lambda doc: doc["lifecycle"].update(at_risk_after_days=14))
+    state = bought(None, purchase("p1", evening), lapsing).state
+    assert state is not None
+    assert next_due(state, lapsing) == evening + 14 * DAY  # both due then; at risk first
+    assert wake_at(state, lapsing) == evening + 14 * DAY
 
 
 BERLIN = Marketing(timezone="Europe/Berlin", quiet_hours={"start_hour": 21, "end_hour": 8})
