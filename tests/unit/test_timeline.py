@@ -364,14 +364,16 @@ def test_wake_at_is_the_earliest_due_when_no_message_waits_for_quiet_hours_to_en
     assert wake_at(state, POLICY) == next_due(state, POLICY) == T0 + 14 * DAY
     # A customer without timers: nothing to wake for.
     assert wake_at(CustomerState(customer_id=CUSTOMER), POLICY) is None
-    # A reminder deferred into quiet hours, with a state timer (at risk) due before they end:
-    # the state timer is not held back.
+    # A reminder due in quiet hours (22:30 Berlin) and a state timer due after it but before
+    # they end (at risk, 23:30): the state timer is not held back to 08:00.
     evening = utc(2026, 6, 1, 20, 30)
     lapsing = policy_with(lambda doc: doc["lifecycle"].update(at_risk_after_days=14))
-    state = bought(None, purchase("p1", evening), lapsing).state
+    formula = bought(None, purchase("p1", evening), lapsing).state
+    assert formula is not None
+    state = bought(formula, purchase("p2", evening + 3600, ("toys",)), lapsing).state
     assert state is not None
-    assert next_due(state, lapsing) == evening + 14 * DAY  # both due then; at risk first
-    assert wake_at(state, lapsing) == evening + 14 * DAY
+    assert next_due(state, lapsing) == evening + 14 * DAY  # the reminder
+    assert wake_at(state, lapsing) == evening + 3600 + 14 * DAY  # at risk, in quiet hours
 
 
 BERLIN = Marketing(timezone="Europe/Berlin", quiet_hours={"start_hour": 21, "end_hour": 8})
