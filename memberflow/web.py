@@ -699,7 +699,9 @@ async function lookup(event) {
   const segment = c.rfm_type
     ? `${labelText("segment", c.rfm_type)} (${c.rfm_type_names.zh})` : null;
   const timers = c.pending_timers
-    .map((t) => `${t.kind} ${t.key} at ${t.due_at}`).join("; ") || "none";
+    .map((t) => `${t.kind} ${t.key} at ${t.due_at}`
+      + (t.sends_at && t.sends_at !== t.due_at ? ` (goes out ${t.sends_at})` : ""))
+    .join("; ") || "none";
   const last = c.last_purchase_at ? `${c.last_purchase_at} (${c.recency_days} days ago)` : null;
   out.replaceChildren(el("dl", {},
     ...fact("customer", c.customer_id, "lookup-customer"),

@@ -407,7 +407,10 @@ def _quiet_end(moment: int, marketing: Marketing) -> int | None:
 def describe_pending(
     state: CustomerState, policy: Policy, learned: dict[str, int] | None = None
 ) -> list[dict[str, Any]]:
-    """Pending timers for `memberflow customer`: what, when, why."""
+    """Pending timers for `memberflow customer`: what, when, why. A marketing message also says
+    when it would go out through the cap and quiet hours as they stand (`sends_at`): one due
+    in quiet hours waits for their end without a deferral recorded yet (wake_at), and would
+    otherwise look overdue."""
     return [
         {
             "kind": t.kind,
@@ -415,6 +418,11 @@ def describe_pending(
             "due_at": iso(t.due),
             "why": t.reason,
             "deferred": t.key in state.deferred,
+            **(
+                {"sends_at": iso(next_allowed(state.marketing_sent, policy.marketing, t.due)[0])}
+                if _KIND_ORDER[t.kind] >= _MARKETING_ORDER
+                else {}
+            ),
         }
         for t in pending_timers(state, policy, learned)
     ]

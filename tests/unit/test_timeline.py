@@ -147,6 +147,7 @@ def test_infant_formula_purchase_schedules_a_reminder_on_day_14() -> None:
         "due_at": "2026-06-15T10:00:00Z",
         "why": "infant_formula is rebought every 21 days (configured): remind 7 days before",
         "deferred": False,
+        "sends_at": "2026-06-15T10:00:00Z",  # 12:00 in Berlin: no gate holds it
     }
 
     early = moved(state, T0 + 14 * DAY - 1)
@@ -158,6 +159,7 @@ def test_infant_formula_purchase_schedules_a_reminder_on_day_14() -> None:
     assert on_time.state.reminded == {FORMULA: T0}
     assert on_time.state.marketing_sent == [T0 + 14 * DAY]
     assert next_due(on_time.state, POLICY) == T0 + 60 * DAY  # no second reminder
+    assert "sends_at" not in describe_pending(on_time.state, POLICY)[0]  # at risk: no message
     assert state.reminded == {}  # advance() does not mutate its input
 
 
@@ -293,8 +295,15 @@ def test_reminder_in_quiet_hours_is_deferred_to_the_morning_then_sent(
     due = bought_at + 14 * DAY
     state = first_formula(bought_at)
     assert next_due(state, POLICY) == due
-    # Woken at its due time it would only be deferred: the index points past the quiet hours.
+    # Woken at its due time it would only be deferred: the index points past the quiet hours,
+    # and the customer's view says when it goes out, not only when it is due.
     assert wake_at(state, POLICY) == deferred_to
+    pending = describe_pending(state, POLICY)[0]
+    assert (pending["due_at"], pending["sends_at"], pending["deferred"]) == (
+        iso(due),
+        iso(deferred_to),
+        False,
+    )
 
     held = moved(state, due)
     assert held.effects == (("repurchase_reminder", "deferred_quiet_hours"),)
