@@ -411,21 +411,20 @@ def describe_pending(
     when it would go out through the cap and quiet hours as they stand (`sends_at`): one due
     in quiet hours waits for their end without a deferral recorded yet (wake_at), and would
     otherwise look overdue."""
-    return [
-        {
+    views = []
+    for t in pending_timers(state, policy, learned):
+        view: dict[str, Any] = {
             "kind": t.kind,
             "key": t.key,
             "due_at": iso(t.due),
             "why": t.reason,
             "deferred": t.key in state.deferred,
-            **(
-                {"sends_at": iso(next_allowed(state.marketing_sent, policy.marketing, t.due)[0])}
-                if _KIND_ORDER[t.kind] >= _MARKETING_ORDER
-                else {}
-            ),
         }
-        for t in pending_timers(state, policy, learned)
-    ]
+        if _KIND_ORDER[t.kind] >= _MARKETING_ORDER:
+            sends, _ = next_allowed(state.marketing_sent, policy.marketing, t.due)
+            view["sends_at"] = iso(sends)
+        views.append(view)
+    return views
 
 
 def learned_interval(histogram: dict[int, int], min_samples: int) -> int | None:
