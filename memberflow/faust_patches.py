@@ -4,8 +4,8 @@ Kept apart from the app factory because they reach into Faust's private code: ea
 what it replaces and why, and tests/unit/test_consumer_path.py pins the Faust sources the
 copied drain loop and take_queued follow, so a Faust upgrade cannot silently change what is
 patched. Measured with ops/bench_consume_only.py (take): inline delivery and LeanMonitor
-together save about half of Faust's per-event CPU; take_queued is for latency (README,
-Performance).
+together save about half of Faust's per-event CPU; take_queued is for latency (ops/PERFORMANCE.md,
+Done).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ p50 / p99 per second: how long the backlog of a burst takes to clear at half loa
 prints each round's p99 with the worker's and the broker's CPU; the round with the median
 applied p99 is reported. On this machine kind successive rounds get slower because the
 embedded broker does: its CPU grew from 0.70 to 0.86 cores over three rounds as its in-memory
-topics grew, on the same two cores as the worker (see README, Performance).
+topics grew, on the same two cores as the worker (ops/PERFORMANCE.md).
 
 Memory: Redis ``used_memory`` after the run minus after FLUSHALL, divided by the customer hashes
 stored; plus MEMORY USAGE of sampled keys and the share of the state taken by the dedup memory.
