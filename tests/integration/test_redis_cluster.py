@@ -14,7 +14,9 @@ import pytest
 
 from memberflow.services import LocalBroker, LocalRedisCluster
 from memberflow.synthetic import add_noise, generate_history, write_csv
+from rules.customer import CustomerState
 from state.redis_store import PackingConnection, RedisStore, connect
+from state.store import TimerEntry, Write
 from tests.integration.conftest import run_cli, worker_env
 from tests.oracle import batch_export, valid_rows
 
@@ -79,3 +81,44 @@ def test_node_clients_pack_with_hiredis(tmp_path: Path) -> None:
 
     with LocalRedisCluster(workdir=tmp_path / "cluster") as cluster:
         assert asyncio.run(node_connection_classes(cluster.url)) == {PackingConnection}
+
+
+def test_timer_index_on_a_cluster(tmp_path: Path) -> None:
+    """A batch's timer index entries: written before the states (only ever earlier), then set
+    exactly by confirm, each in its partition's index, for customers spread over the nodes."""
+    customers = [f"cust-{n}" for n in range(12)]  # hash slots on all three nodes
+
+    def write(cid: str, version: int, shard: int, due: int | None) -> Write:
+        return Write(cid, version, CustomerState(customer_id=cid), timer=TimerEntry(shard, due))
+
+    async def scenario(url: str) -> None:
+        store = RedisStore(connect(url, cluster=True))
+        shard_of = {cid: n % 3 for n, cid in enumerate(customers)}
+        saved = await store.save(
+            [write(c, 0, shard_of[c], 1_000 + n) for n, c in enumerate(customers)]
+        )
+        assert all(v == 1 for v in saved.values())
+        for shard in range(3):  # indexed before confirm, each in its own partition's index
+            assert await store.due(shard, 10_000, 100) == [
+                c for c in customers if shard_of[c] == shard
+            ]
+        # A later due time at save does not move an entry (LT); an earlier one does.
+        late, early = customers[0], customers[1]
+        await store.save([write(late, 1, shard_of[late], 5_000), write(early, 1, 1, 10)])
+        assert await store.due(shard_of[late], 1_000, 100) == [late]
+        assert await store.due(1, 10, 100) == [early]
+        # confirm sets the exact time, later or not; no due time leaves the entry alone.
+        await store.confirm(
+            {},
+            {
+                late: TimerEntry(shard_of[late], 5_000),
+                customers[2]: TimerEntry(shard_of[customers[2]], None),
+            },
+        )
+        assert late not in await store.due(shard_of[late], 4_999, 100)
+        assert late in await store.due(shard_of[late], 5_000, 100)
+        assert customers[2] in await store.due(shard_of[customers[2]], 1_002, 100)
+        await store.close()
+
+    with LocalRedisCluster(workdir=tmp_path / "cluster") as cluster:
+        asyncio.run(scenario(cluster.url))
