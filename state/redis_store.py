@@ -20,7 +20,7 @@ from pydantic_core import to_json
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection
-from redis.exceptions import ClusterDownError, NoScriptError
+from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
 
 from rules.customer import CustomerState
 from state import keys
@@ -200,6 +200,16 @@ return 1
 AnyRedis = Redis | RedisCluster
 T = TypeVar("T")
 
+# Rounds of re-reading the slot map when a Cluster node refuses calls (MOVED or ASK).
+_MOVED_ROUNDS = 3
+
+
+def _raised(replies: list[Any]) -> list[Any]:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
 
 class PackingConnection(Connection):
     """A plain TCP connection whose commands are packed by hiredis (C) instead of redis-py's
@@ -339,44 +349,68 @@ class RedisStore:
         body: str,
         calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
     ) -> list[Any]:
-        for attempt in (1, 2):
+        """EVALSHA each call in one pipeline. An error reply comes back in its place (a
+        Cluster's MOVED is the caller's to handle), except a missing script: Redis forgets
+        scripts when it restarts, so it is loaded there and the calls it refused are redone."""
+        results: list[Any] = [None] * len(calls)
+        pending: Sequence[int] = range(len(calls))
+        for _ in (1, 2):
             pipe = client.pipeline(transaction=False)
-            for call_keys, args in calls:
+            for index in pending:
+                call_keys, args = calls[index]
                 pipe.evalsha(sha, len(call_keys), *call_keys, *args)
-            try:
-                return list(await pipe.execute())
-            except NoScriptError:
-                # Redis forgets scripts when it restarts: load it where it is missing.
-                await client.script_load(body)
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+            missing = []
+            for index, reply in zip(pending, await pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(reply, NoScriptError):
+                    missing.append(index)
+                else:
+                    results[index] = reply
+            if not missing:
+                return results
+            await client.script_load(body)
+            pending = missing
+        raise NoScriptError(f"script {sha} still missing after loading it")
 
     async def _eval_many(
         self, body: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
     ) -> list[Any]:
         """EVALSHA each (keys, args): one pipeline, or one per node on a Cluster (the keys of
-        one call always share a slot). Results come back in the order of `calls`."""
+        one call always share a slot). Results come back in the order of `calls`; the first
+        error reply is raised, as a pipeline does."""
         if not calls:
             return []
         sha = await self._script_sha(body)
         if not self.cluster:
-            return await self._eval_group(self.client, sha, body, calls)
-        groups: dict[str, tuple[Redis, list[int]]] = {}
-        for index, (call_keys, _) in enumerate(calls):
-            client = await self._node_client(call_keys[0])
-            groups.setdefault(str(id(client)), (client, []))[1].append(index)
+            return _raised(await self._eval_group(self.client, sha, body, calls))
         results: list[Any] = [None] * len(calls)
-        replies = await together(
-            *(
-                self._eval_group(client, sha, body, [calls[i] for i in indexes])
-                for client, indexes in groups.values()
+        pending: Sequence[int] = range(len(calls))
+        for _ in range(_MOVED_ROUNDS):
+            groups: dict[str, tuple[Redis, list[int]]] = {}
+            for index in pending:
+                client = await self._node_client(calls[index][0][0])
+                groups.setdefault(str(id(client)), (client, []))[1].append(index)
+            replies = await together(
+                *(
+                    self._eval_group(client, sha, body, [calls[i] for i in indexes])
+                    for client, indexes in groups.values()
+                )
             )
-        )
-        for (_, indexes), reply in zip(groups.values(), replies, strict=True):
-            for index, value in zip(indexes, reply, strict=True):
-                results[index] = value
-        return results
+            moved = []
+            for (_, indexes), reply in zip(groups.values(), replies, strict=True):
+                for index, value in zip(indexes, reply, strict=True):
+                    if isinstance(value, MovedError | AskError):
+                        moved.append(index)
+                    else:
+                        results[index] = value
+            if not moved:
+                return _raised(results)
+            # Slots moved to another node (the Cluster is being resharded). A refused call ran
+            # nothing, so only those are redone, on the slot map read anew.
+            await cast(RedisCluster, self.client).nodes_manager.initialize()
+            pending = moved
+        # Still moving (a slot mid-migration answers ASK until it is done): transient, so the
+        # engine retries with backoff instead of stopping the worker.
+        raise TryAgainError(f"{len(pending)} script calls refused: their slots are moving")
 
     async def _run_scripts(
         self, body: str, calls: Sequence[tuple[str, Sequence[Any]]]

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import cast
 
 import pytest
+from redis.exceptions import ResponseError
 
 from memberflow.services import LocalRedis
 from rules.customer import CustomerState
@@ -111,6 +112,30 @@ def test_save_and_confirm_keep_every_field_of_every_row(redis_server: LocalRedis
         assert after[ids[2]].outbox == (note(ids[2]),)
         assert await store.client.zscore(keys.timer_index(0), ids[0]) == 1_800_000_000
         assert await store.client.zscore(keys.timer_index(2), ids[2]) == 1_900_000_000
+        await store.client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_scripts_are_loaded_again_where_redis_forgot_them(redis_server: LocalRedis) -> None:
+    """A restarted Redis has no scripts: each batch step loads its script there and redoes
+    the calls refused with NOSCRIPT, once; an error reply of another kind is still raised."""
+
+    async def scenario() -> None:
+        store = RedisStore(connect(redis_server.url))
+        await store.client.flushdb()
+        ids = [f"c{i}" for i in range(MANY_CHUNK + 3)]  # two script calls per step
+        writes = [Write(cid, 0, state_of(cid), timer=TimerEntry(0, 5)) for cid in ids]
+        assert await store.save(writes) == dict.fromkeys(ids, 1)
+        await store.client.script_flush()
+        again = [Write(cid, 1, state_of(cid), timer=TimerEntry(0, 5)) for cid in ids]
+        assert await store.save(again) == dict.fromkeys(ids, 2)  # applied once each
+        await store.client.script_flush()
+        loaded = await store.load(ids)
+        assert {cid: s.version for cid, s in loaded.items()} == dict.fromkeys(ids, 2)
+        await store.client.set(keys.customer(ids[0]), "not a hash")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await store.load(ids)
         await store.client.aclose()
 
     asyncio.run(scenario())

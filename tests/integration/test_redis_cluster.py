@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from redis.crc import key_slot
 
 from memberflow.services import LocalBroker, LocalRedisCluster
 from memberflow.synthetic import add_noise, generate_history, write_csv
 from rules.customer import CustomerState
+from state import keys
 from state.redis_store import PackingConnection, RedisStore, connect
 from state.store import TimerEntry, Write
 from tests.integration.conftest import run_cli, worker_env
@@ -122,3 +125,54 @@ def test_timer_index_on_a_cluster(tmp_path: Path) -> None:
 
     with LocalRedisCluster(workdir=tmp_path / "cluster") as cluster:
         asyncio.run(scenario(cluster.url))
+
+
+def move_slot(cluster: LocalRedisCluster, key: str) -> int:
+    """Reshard: move `key`'s slot, with its keys, to another node, as `redis-cli --cluster
+    reshard` does (IMPORTING, MIGRATING, MIGRATE, then NODE everywhere). Returns the port of
+    the new owner."""
+    slot = key_slot(key.encode())
+    nodes = {port: redis.Redis(port=port) for port in cluster.ports}
+    ids = {port: node.execute_command("CLUSTER MYID").decode() for port, node in nodes.items()}
+    first = next(iter(nodes.values()))
+    source = next(
+        owners[0][1]
+        for start, end, *owners in first.execute_command("CLUSTER SLOTS")
+        if start <= slot <= end
+    )
+    target = next(port for port in nodes if port != source)
+    nodes[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+    nodes[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+    names = nodes[source].execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
+    nodes[source].execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *names)
+    for node in nodes.values():
+        node.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+        node.close()
+    return target
+
+
+def test_scripts_follow_a_slot_moved_to_another_node(tmp_path: Path) -> None:
+    """Resharding under a running worker: the batch scripts (save, confirm's outbox clear)
+    go to the node the store last knew, which answers MOVED; the store re-reads the slot map
+    and redoes just those calls instead of failing the batch (which stopped the worker)."""
+    cid = "cust-1"
+
+    async def scenario(cluster: LocalRedisCluster) -> None:
+        store = RedisStore(connect(cluster.url, cluster=True))
+        first = Write(cid, 0, CustomerState(customer_id=cid, lifetime_orders=1))
+        assert await store.save([first]) == {cid: 1}
+        target = move_slot(cluster, keys.customer(cid))
+        # Nothing has read the new slot map yet: the script goes to the old node first.
+        second = Write(cid, 1, CustomerState(customer_id=cid, lifetime_orders=2))
+        assert await store.save([second]) == {cid: 2}  # applied once: version 1 -> 2
+        await store.confirm({cid: 2}, {})
+        on_target = redis.Redis(port=target)
+        assert on_target.hget(keys.customer(cid), "v") == b"2"
+        on_target.close()
+        stored = (await store.load([cid]))[cid]
+        assert (stored.version, stored.state and stored.state.lifetime_orders) == (2, 2)
+        assert stored.outbox == ()
+        await store.close()
+
+    with LocalRedisCluster(workdir=tmp_path / "cluster") as cluster:
+        asyncio.run(scenario(cluster))
