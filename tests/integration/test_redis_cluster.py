@@ -152,17 +152,20 @@ def move_slot(cluster: LocalRedisCluster, key: str) -> int:
 
 
 def test_scripts_follow_a_slot_moved_to_another_node(tmp_path: Path) -> None:
-    """Resharding under a running worker: the batch scripts (save, confirm's outbox clear)
-    go to the node the store last knew, which answers MOVED; the store re-reads the slot map
-    and redoes just those calls instead of failing the batch (which stopped the worker)."""
+    """Resharding under a running worker: the batch scripts (load, save, confirm's outbox
+    clear) go to the node the store last knew, which answers MOVED; the store re-reads the
+    slot map and redoes just those calls instead of failing the batch (which stopped the
+    worker)."""
     cid = "cust-1"
 
     async def scenario(cluster: LocalRedisCluster) -> None:
         store = RedisStore(connect(cluster.url, cluster=True))
         first = Write(cid, 0, CustomerState(customer_id=cid, lifetime_orders=1))
         assert await store.save([first]) == {cid: 1}
+        move_slot(cluster, keys.customer(cid))
+        # Nothing has read the new slot map yet: each call goes to the old node first.
+        assert (await store.load([cid]))[cid].version == 1
         target = move_slot(cluster, keys.customer(cid))
-        # Nothing has read the new slot map yet: the script goes to the old node first.
         second = Write(cid, 1, CustomerState(customer_id=cid, lifetime_orders=2))
         assert await store.save([second]) == {cid: 2}  # applied once: version 1 -> 2
         await store.confirm({cid: 2}, {})
