@@ -500,12 +500,14 @@ class RedisStore:
         if not self.cluster:
             await self._confirm_single(versions, timers)
             return
-        if versions:
-            await self._run_scripts(
+        # Independent keys and either order is safe (each is idempotent): one wait, not two.
+        await together(
+            self._run_scripts(
                 CLEAR_OUTBOX_LUA,
                 [(keys.customer(cid), (version,)) for cid, version in versions.items()],
-            )
-        await self._index(timers)
+            ),
+            self._index(timers),
+        )
 
     async def _confirm_single(self, clear: dict[str, int], timers: dict[str, TimerEntry]) -> None:
         rows = [
