@@ -20,6 +20,7 @@ from rules.customer import CustomerState
 from state import keys
 from state.redis_store import PackingConnection, RedisStore, connect
 from state.store import TimerEntry, Write
+from streams.events import Cause, Notification, NotificationType
 from tests.integration.conftest import run_cli, worker_env
 from tests.oracle import batch_export, valid_rows
 
@@ -107,9 +108,11 @@ def test_timer_index_on_a_cluster(tmp_path: Path) -> None:
             ]
         # A later due time at save does not move an entry (LT); an earlier one does.
         late, early = customers[0], customers[1]
-        await store.save([write(late, 1, shard_of[late], 5_000), write(early, 1, 1, 10)])
+        await store.save(
+            [write(late, 1, shard_of[late], 5_000), write(early, 1, shard_of[early], 10)]
+        )
         assert await store.due(shard_of[late], 1_000, 100) == [late]
-        assert await store.due(1, 10, 100) == [early]
+        assert await store.due(shard_of[early], 10, 100) == [early]
         # confirm sets the exact time, later or not; no due time leaves the entry alone.
         await store.confirm(
             {},
@@ -151,6 +154,18 @@ def move_slot(cluster: LocalRedisCluster, key: str) -> int:
     return target
 
 
+NOTE = Notification(
+    notification_id="n-1",
+    type=NotificationType.TIER_UPGRADED,
+    customer_id="cust-1",
+    occurred_at=datetime(2026, 6, 1, tzinfo=UTC),
+    cause=Cause(kind="event", id="e-1"),
+    policy_version="v1",
+    summary="up",
+    explanation={},
+)
+
+
 def test_scripts_follow_a_slot_moved_to_another_node(tmp_path: Path) -> None:
     """Resharding under a running worker: the batch scripts (load, save, confirm's outbox
     clear) go to the node the store last knew, which answers MOVED; the store re-reads the
@@ -165,9 +180,11 @@ def test_scripts_follow_a_slot_moved_to_another_node(tmp_path: Path) -> None:
         move_slot(cluster, keys.customer(cid))
         # Nothing has read the new slot map yet: each call goes to the old node first.
         assert (await store.load([cid]))[cid].version == 1
-        target = move_slot(cluster, keys.customer(cid))
-        second = Write(cid, 1, CustomerState(customer_id=cid, lifetime_orders=2))
+        move_slot(cluster, keys.customer(cid))
+        second = Write(cid, 1, CustomerState(customer_id=cid, lifetime_orders=2), (NOTE,))
         assert await store.save([second]) == {cid: 2}  # applied once: version 1 -> 2
+        assert (await store.load([cid]))[cid].outbox == (NOTE,)
+        target = move_slot(cluster, keys.customer(cid))
         await store.confirm({cid: 2}, {})
         on_target = redis.Redis(port=target)
         assert on_target.hget(keys.customer(cid), "v") == b"2"
