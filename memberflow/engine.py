@@ -409,7 +409,7 @@ class Engine:
                 if f.write is not None and f.write.timer is not None
                 else wake_at(f.state, self.policy, self._learned)
             )
-            outcome.timers[customer_id] = TimerEntry(f.shard, due)
+            outcome.timers[customer_id] = TimerEntry(f.shard, due, version)
             gaps = f.write.gaps if f.write is not None else f.stored.gaps
             contribution = self._contribution(f.state, version, f.shard, f.now, gaps)
             if contribution is not None:
@@ -495,12 +495,13 @@ class Engine:
         outcome.more_due = len(due) == limit
         learned = await self.learned_intervals()
         snapshot = await self.current_snapshot()
-        vanished: list[str] = []
+        # customer -> the version found with no timer left: unindexed only while still at it
+        vanished: dict[str, int] = {}
 
         def fold(stored: Stored) -> _Fold:
             f = _Fold(stored, shard, state=stored.state, now=until)
             if stored.state is None:
-                vanished.append(stored.customer_id)
+                vanished[stored.customer_id] = stored.version
                 return f
             moved = advance(stored.state, self.policy, until, learned)
             # Relabelled in place below: either advance()'s own copy or the state just loaded
@@ -532,7 +533,7 @@ class Engine:
                 # While its outbox waits to be produced, the entry stays (at the fired time):
                 # after a crash before confirm, the next poll resends it, then unindexes.
                 if customer_id not in outcome.outbox_versions:
-                    vanished.append(customer_id)
+                    vanished[customer_id] = entry.version or 0
         if vanished:
             await self.retry("unindex", partial(self.store.unindex, shard, vanished))
         return outcome

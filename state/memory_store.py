@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from rules.customer import CustomerState
 from state.store import Contribution, GapSample, Stored, TimerEntry, Write
@@ -59,7 +59,7 @@ class MemoryStore:
             if row is not None and row[0] == version:
                 self._rows[cid] = (row[0], row[1], (), ())
         for cid, entry in timers.items():
-            if entry.due is not None:
+            if entry.due is not None and entry.version in (None, self._version(cid)):
                 self.timers.setdefault(entry.shard, {})[cid] = entry.due
 
     async def advance_clock(self, seconds: int, shard: int | None = None) -> int:
@@ -79,9 +79,14 @@ class MemoryStore:
         ready = sorted((due, cid) for cid, due in index.items() if due <= until)
         return [cid for _, cid in ready[:limit]]
 
-    async def unindex(self, shard: int, customer_ids: Sequence[str]) -> None:
-        for cid in customer_ids:
-            self.timers.get(shard, {}).pop(cid, None)
+    async def unindex(self, shard: int, versions: Mapping[str, int]) -> None:
+        for cid, version in versions.items():
+            if self._version(cid) == version:
+                self.timers.get(shard, {}).pop(cid, None)
+
+    def _version(self, cid: str) -> int:
+        row = self._rows.get(cid)
+        return row[0] if row is not None else 0
 
     async def timer_heads(self, shards: Sequence[int]) -> dict[int, tuple[int | None, int | None]]:
         return {shard: (self._clocks.get(shard), await self.next_due_in(shard)) for shard in shards}

@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import json
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import hiredis
@@ -56,12 +56,13 @@ end
 return nextv
 """
 
-# KEYS[1] customer hash; ARGV[1] version whose outbox was produced and gap samples counted.
-CLEAR_OUTBOX_LUA = """
-if tonumber(redis.call('HGET', KEYS[1], 'v') or '0') == tonumber(ARGV[1]) then
-  return redis.call('HDEL', KEYS[1], 'o', 'g')
-end
-return 0
+# KEYS[1] customer hash; ARGV[1] version whose outbox was produced and gap samples counted, or
+# ''. Drops them if the customer is still at that version; returns its version (a Cluster's
+# confirm checks its index entries against it: RedisStore.confirm).
+CONFIRM_ONE_LUA = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if ARGV[1] ~= '' and current == tonumber(ARGV[1]) then redis.call('HDEL', KEYS[1], 'o', 'g') end
+return current
 """
 
 # One Redis (not a Cluster): the same steps for a whole batch in one script call, because
@@ -101,20 +102,39 @@ end
 return out
 """
 
-# KEYS: per customer its hash and its partition's timer index. ARGV: three per customer,
+# KEYS: per customer its hash and its partition's timer index. ARGV: four per customer,
 # [id, the version whose outbox was produced and gap samples counted or '', its exact next due
-# time or ''], flat (as SAVE_MANY_LUA). CLEAR_OUTBOX_LUA and an exact ZADD for each.
+# time or '', the version that due time was computed from or '' (unconditional)], flat (as
+# SAVE_MANY_LUA). CONFIRM_ONE_LUA, and an exact ZADD while the customer is still at that
+# version: a later writer (a partition's new owner) sets the entry for its newer state, and a
+# late confirm of an older one must not move it.
 CONFIRM_MANY_LUA = """
 for i = 1, #KEYS / 2 do
-  local customer, index, a = KEYS[2 * i - 1], KEYS[2 * i], 3 * (i - 1)
-  local version = ARGV[a + 2]
-  if version ~= '' and tonumber(redis.call('HGET', customer, 'v') or '0') == tonumber(version) then
-    redis.call('HDEL', customer, 'o', 'g')
+  local customer, index, a = KEYS[2 * i - 1], KEYS[2 * i], 4 * (i - 1)
+  local clear, due, seen = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local current = 0
+  if clear ~= '' or seen ~= '' then current = tonumber(redis.call('HGET', customer, 'v') or '0') end
+  if clear ~= '' and current == tonumber(clear) then redis.call('HDEL', customer, 'o', 'g') end
+  if due ~= '' and (seen == '' or current == tonumber(seen)) then
+    redis.call('ZADD', index, due, ARGV[a + 1])
   end
-  if ARGV[a + 3] ~= '' then redis.call('ZADD', index, ARGV[a + 3], ARGV[a + 1]) end
 end
 return 0
 """
+
+# KEYS[1] a partition's timer index, then customer hashes; ARGV: per customer [id, version]:
+# ZREM each customer still at the version that was found to have no timer left.
+UNINDEX_MANY_LUA = """
+local removed = 0
+for i = 2, #KEYS do
+  local a = 2 * (i - 2)
+  if tonumber(redis.call('HGET', KEYS[i], 'v') or '0') == tonumber(ARGV[a + 2]) then
+    removed = removed + redis.call('ZREM', KEYS[1], ARGV[a + 1])
+  end
+end
+return removed
+"""
+
 MANY_CHUNK = 500  # customers per script call: keeps each call's time in Redis short
 
 # KEYS[1] clock key; ARGV[1] candidate. Monotone max, so workers never move it backwards.
@@ -500,14 +520,28 @@ class RedisStore:
         if not self.cluster:
             await self._confirm_single(versions, timers)
             return
-        # Independent keys and either order is safe (each is idempotent): one wait, not two.
-        await together(
-            self._run_scripts(
-                CLEAR_OUTBOX_LUA,
-                [(keys.customer(cid), (version,)) for cid, version in versions.items()],
-            ),
-            self._index(timers),
+        # A customer's index is on another slot than its hash: no script can check its version
+        # and write its entry at once. So the exact entries go first, then each customer's
+        # version is read (with its outbox cleared), and a customer that has moved on since
+        # its entry was computed is woken (score 0, LT): whichever order the new owner's save,
+        # its confirm and this run in, the entry ends exact for the newest state or early,
+        # never late (an early wake only re-indexes the customer).
+        await self._index(timers)
+        ids = [*versions, *(cid for cid in timers if cid not in versions)]
+        current = await self._run_scripts(
+            CONFIRM_ONE_LUA,
+            [(keys.customer(cid), ("" if (v := versions.get(cid)) is None else v,)) for cid in ids],
         )
+        moved = [
+            (cid, entry.shard)
+            for cid, now in zip(ids, current, strict=True)
+            if (entry := timers.get(cid)) is not None
+            and entry.due is not None
+            and entry.version is not None
+            and int(now) != entry.version
+        ]
+        if moved:
+            await self.wake(moved)
 
     async def _confirm_single(self, clear: dict[str, int], timers: dict[str, TimerEntry]) -> None:
         rows = [
@@ -521,8 +555,14 @@ class RedisStore:
             flat: list[str | int] = []
             for cid, version, entry in chunk:
                 due = entry.due if entry is not None else None
+                seen = entry.version if entry is not None else None
                 chunk_keys += [keys.customer(cid), keys.timer_index(entry.shard if entry else 0)]
-                flat += [cid, "" if version is None else version, "" if due is None else due]
+                flat += [
+                    cid,
+                    "" if version is None else version,
+                    "" if due is None else due,
+                    "" if seen is None else seen,
+                ]
             calls.append((chunk_keys, flat))
         await self._eval_many(CONFIRM_MANY_LUA, calls)
 
@@ -548,9 +588,33 @@ class RedisStore:
         )
         return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
 
-    async def unindex(self, shard: int, customer_ids: Sequence[str]) -> None:
-        if customer_ids:
-            await self.client.zrem(keys.timer_index(shard), *customer_ids)
+    async def unindex(self, shard: int, versions: Mapping[str, int]) -> None:
+        if not versions:
+            return
+        index = keys.timer_index(shard)
+        if not self.cluster:
+            calls: list[tuple[list[str], list[Any]]] = []
+            for chunk in _chunks(list(versions.items()), MANY_CHUNK):
+                calls.append(
+                    (
+                        [index, *(keys.customer(cid) for cid, _ in chunk)],
+                        [field for row in chunk for field in row],
+                    )
+                )
+            await self._eval_many(UNINDEX_MANY_LUA, calls)
+            return
+        # The index and the hashes are on different slots (see confirm): remove, then read the
+        # versions, and wake a customer written since it was found with no timer left.
+        ids = list(versions)
+        await self.client.zrem(index, *ids)
+        current = await self._run_scripts(
+            CONFIRM_ONE_LUA, [(keys.customer(cid), ("",)) for cid in ids]
+        )
+        moved = [
+            (cid, shard) for cid, now in zip(ids, current, strict=True) if int(now) != versions[cid]
+        ]
+        if moved:
+            await self.wake(moved)
 
     async def timer_heads(self, shards: Sequence[int]) -> dict[int, tuple[int | None, int | None]]:
         pipe = self.client.pipeline(transaction=False)

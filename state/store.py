@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,10 +37,17 @@ class GapSample:
 
 @dataclass(frozen=True, slots=True)
 class TimerEntry:
-    """Where a customer's next timer is indexed: its shard (input partition) and due time."""
+    """Where a customer's next timer is indexed: its shard (input partition) and due time.
+
+    `version` is the customer version the due time was computed from. confirm() sets the exact
+    entry only while the customer is still at that version: a worker that lost its partition
+    and confirms late (a zombie) must not move a timer that the new owner has since set, for a
+    newer state, to a later time. None: unconditional (a Write's entry, which only ever moves
+    an entry earlier)."""
 
     shard: int
     due: int | None
+    version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +99,7 @@ class Store(Protocol):
     ) -> None:
         """After the outputs were produced and the contributions made: drop the outbox and the
         pending gap samples of each customer still at the given version, set each customer's
-        exact next due time in the index."""
+        exact next due time in the index (while it is at its entry's version, TimerEntry)."""
         ...
 
     async def advance_clock(self, seconds: int, shard: int | None = None) -> int:
@@ -109,7 +116,11 @@ class Store(Protocol):
         """Customers of `shard` whose next timer is due at or before `until`, earliest first."""
         ...
 
-    async def unindex(self, shard: int, customer_ids: Sequence[str]) -> None: ...
+    async def unindex(self, shard: int, versions: Mapping[str, int]) -> None:
+        """Remove customers (id -> the version found with no timer left, 0 for no record) from
+        a shard's index, each only while it is still at that version: a write since then (by
+        the partition's new owner) has indexed that customer's new timers."""
+        ...
 
     async def timer_heads(self, shards: Sequence[int]) -> dict[int, tuple[int | None, int | None]]:
         """Per shard (its event clock, its earliest indexed due time), in one round trip: how

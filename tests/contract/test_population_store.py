@@ -1,6 +1,6 @@
-"""One contract for the population statistics of a store, run against MemoryStore and against
-RedisStore on a real redis-server (several stats shards, so sums and rank searches cross
-shards).
+"""One contract for the population statistics (and the timer index) of a store, run against
+MemoryStore and against RedisStore on a real redis-server (several stats shards, so sums and
+rank searches cross shards).
 
 The engine and the snapshot computation (memberflow.population) only rely on what is checked
 here; the property at the end checks the whole path: contributions with re-deliveries and
@@ -283,6 +283,37 @@ def test_wake_indexes_customers_at_zero(make_store: StoreFactory) -> None:
         assert await store.next_due_in(1) == 0
         assert await store.next_due_in(2) == 0
         assert await store.due(0, 10_000, 10) == []
+
+    run(make_store, body)
+
+
+def test_index_writes_follow_only_the_version_they_were_computed_from(
+    make_store: StoreFactory,
+) -> None:
+    """Two workers on one partition for a while (a rebalance whose old owner's broker acks
+    stalled): the old owner's late confirm, and its unindex of a customer it found with no
+    timer left, must not undo what the new owner indexed for a newer state of that customer
+    (a reminder would fire late, or never)."""
+    from rules.customer import CustomerState
+
+    def write(version: int, due: int) -> Write:
+        return Write("x", version, CustomerState(customer_id="x"), timer=TimerEntry(1, due))
+
+    async def body(store: Store) -> None:
+        assert await store.save([write(0, 60_000)]) == {"x": 1}  # old owner: not confirmed yet
+        assert await store.save([write(1, 15_000)]) == {"x": 2}  # new owner
+        await store.confirm({}, {"x": TimerEntry(1, 15_000, 2)})
+        await store.confirm({"x": 1}, {"x": TimerEntry(1, 60_000, 1)})  # the old owner, late
+        assert await store.next_due_in(1) == 15_000
+        await store.confirm({}, {"x": TimerEntry(1, 20_000, 2)})  # at its version: exact
+        assert await store.next_due_in(1) == 20_000
+        await store.unindex(1, {"x": 1})  # found with nothing to fire at an older version
+        assert await store.next_due_in(1) == 20_000
+        await store.unindex(1, {"x": 2})
+        assert await store.next_due_in(1) is None
+        await store.wake([("y", 1)])  # no record: version 0
+        await store.unindex(1, {"y": 0})
+        assert await store.next_due_in(1) is None
 
     run(make_store, body)
 

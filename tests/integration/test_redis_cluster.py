@@ -124,6 +124,19 @@ def test_timer_index_on_a_cluster(tmp_path: Path) -> None:
         assert late not in await store.due(shard_of[late], 4_999, 100)
         assert late in await store.due(shard_of[late], 5_000, 100)
         assert customers[2] in await store.due(shard_of[customers[2]], 1_002, 100)
+        # A confirm computed from an older version than the customer's (a partition's old
+        # owner, late) leaves the entry no later than it was: here woken (0), as the index and
+        # the hash are on different slots; one at the current version sets it exactly.
+        shard = shard_of[late]
+        await store.confirm({}, {late: TimerEntry(shard, 9_000, 1)})
+        assert late in await store.due(shard, 5_000, 100)
+        await store.confirm({}, {late: TimerEntry(shard, 7_000, 2)})
+        assert late not in await store.due(shard, 6_999, 100)
+        # Unindexing likewise: only at the version found with nothing left to fire.
+        await store.unindex(shard, {late: 1})
+        assert late in await store.due(shard, 7_000, 100)
+        await store.unindex(shard, {late: 2})
+        assert late not in await store.due(shard, 10**10, 100)
         await store.close()
 
     with LocalRedisCluster(workdir=tmp_path / "cluster") as cluster:

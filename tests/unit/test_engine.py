@@ -732,8 +732,8 @@ def test_process_indexes_the_next_due_time_on_the_customers_partition() -> None:
         )
         assert outcome.applied == 2
         expected = {
-            "c1": TimerEntry(2, WALL + FORMULA_DUE),  # the reminder
-            "c2": TimerEntry(0, WALL - DAY + 60 * DAY),  # toys: only the lifecycle
+            "c1": TimerEntry(2, WALL + FORMULA_DUE, 1),  # the reminder (computed at version 1)
+            "c2": TimerEntry(0, WALL - DAY + 60 * DAY, 1),  # toys: only the lifecycle
         }
         assert outcome.timers == expected
         # Indexed with the write already (a crash before confirm loses no timer) ...
@@ -758,7 +758,7 @@ def test_process_indexes_the_next_due_time_on_the_customers_partition() -> None:
         # A purchase in the category moves the indexed time later (exactly, after confirm).
         clock.now = WALL + 10 * DAY
         again = await engine.process([shopped(3, "f2", "c1", WALL + 10 * DAY, partition=2)])
-        assert again.timers == {"c1": TimerEntry(2, WALL + 10 * DAY + FORMULA_DUE)}
+        assert again.timers == {"c1": TimerEntry(2, WALL + 10 * DAY + FORMULA_DUE, 2)}
         assert store.timers[2] == {"c1": WALL + FORMULA_DUE}  # save only moves it earlier
         await engine.confirm(again)
         assert store.timers[2] == {"c1": WALL + 10 * DAY + FORMULA_DUE}
@@ -795,7 +795,7 @@ def test_process_due_in_wall_mode_fires_a_due_reminder_once() -> None:
         ]
         assert len(fired.notifications) == 1
         assert fired.outbox_versions == {"c1": 2}
-        assert fired.timers == {"c1": TimerEntry(1, WALL + 60 * DAY)}  # next: at risk
+        assert fired.timers == {"c1": TimerEntry(1, WALL + 60 * DAY, 2)}  # next: at risk
         assert fired.more_due is False
         stored = await state_of(store, "c1")
         assert stored.outbox == tuple(fired.notifications)
@@ -845,7 +845,7 @@ def test_a_reminder_due_in_quiet_hours_is_woken_once_when_they_end() -> None:
         clock = Clock(evening)
         engine = timer_engine(store, clock)
         bought = await engine.process([shopped(1, "f1", "c1", evening, partition=1)])
-        assert bought.timers == {"c1": TimerEntry(1, quiet_end)}
+        assert bought.timers == {"c1": TimerEntry(1, quiet_end, 1)}
         await engine.confirm(bought)
         assert store.timers[1] == {"c1": quiet_end}
 
@@ -1004,7 +1004,7 @@ def test_customer_with_no_timers_left_is_unindexed() -> None:
             ("win_back_offer", at(WALL + 120 * DAY)),
             ("lifecycle_changed", at(WALL + 180 * DAY)),
         ]
-        assert lapsed.timers == {"c1": TimerEntry(4, window_end)}  # churned: the window left
+        assert lapsed.timers == {"c1": TimerEntry(4, window_end, 2)}  # churned: the window left
         await engine.confirm(lapsed)
         assert store.timers[4] == {"c1": window_end}
 
@@ -1022,6 +1022,59 @@ def test_customer_with_no_timers_left_is_unindexed() -> None:
         assert store.timers[4] == {}
         clock.now = WALL + 4000 * DAY
         assert await engine.process_due(4) == BatchOutcome()
+
+    asyncio.run(scenario())
+
+
+def test_a_late_confirm_by_the_partitions_old_owner_does_not_delay_the_new_owners_timer() -> None:
+    """A worker that lost its partition (its broker acks stalled, it was thrown out of the
+    group) confirms a batch after the new owner has applied a newer event of the same
+    customer: its exact index entry, for the older state (at risk in 60 days), must not
+    replace the new owner's (the reminder in 14). Fails if confirm's index write is not tied
+    to the version it was computed from."""
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        clock = Clock(WALL + DAY)
+        old, new = timer_engine(store, clock), timer_engine(store, clock)
+        toys = shopped(0, "e1", "x", WALL, category="toys")
+        stalled = await old.process([toys])  # saved, not confirmed
+        await new.confirm(await new.process([toys]))  # redelivered to the new owner
+        formula = await new.process([shopped(1, "e2", "x", WALL + DAY)])
+        await new.confirm(formula)
+        reminder_due = formula.timers["x"].due
+        assert reminder_due is not None and reminder_due < WALL + 60 * DAY
+        await old.confirm(stalled)
+        assert store.timers[0] == {"x": reminder_due}
+        clock.now = reminder_due
+        fired = await new.process_due(0)
+        assert [n.type.value for n in fired.notifications] == ["repurchase_reminder"]
+
+    asyncio.run(scenario())
+
+
+def test_a_customer_written_while_found_with_no_timers_stays_indexed() -> None:
+    """The old owner of a partition finds a woken customer with nothing left to fire and
+    unindexes it, but the new owner has meanwhile applied a purchase and indexed its timers:
+    the removal must not take them with it (they would never fire)."""
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        clock = Clock(WALL)
+        old, new = timer_engine(store, clock), timer_engine(store, clock)
+        await store.wake([("x", 0)])  # no record yet: nothing to fire
+        loaded = store.load
+
+        async def load_then_the_new_owner_writes(ids: Sequence[str]) -> dict[str, Stored]:
+            found = await loaded(ids)
+            store.load = loaded  # type: ignore[method-assign]
+            await new.confirm(await new.process([shopped(0, "e1", "x", WALL)]))
+            return found
+
+        store.load = load_then_the_new_owner_writes  # type: ignore[method-assign]
+        found = await old.process_due(0)
+        assert (found.timers_fired, found.timers) == (0, {})
+        assert store.timers[0] == {"x": WALL + FORMULA_DUE}
 
     asyncio.run(scenario())
 
