@@ -24,6 +24,7 @@ from rules.customer import (
     expire,
     iso,
     notification_id,
+    qualifying_tier,
     stage_change,
 )
 from rules.policy import Marketing, Policy, Promotion
@@ -242,6 +243,15 @@ def _fire(
         evaluate_tier(state, policy, timer.due, cause)
         return "fired", None
     if timer.kind == "tier":
+        orders, spend = state.window(timer.due, policy.window_days)
+        if policy.tier_rank(qualifying_tier(policy, orders, spend).name) >= policy.tier_rank(
+            state.tier
+        ):
+            # The customer meets its tier again without an event having said so: a new policy
+            # version lowered the bar (its wake re-evaluates after the due timers fire). The
+            # grace period ends here, with no warning or downgrade (an upgrade if one is met).
+            notes = evaluate_tier(state, policy, timer.due, cause)
+            return "cancelled", notes[0] if notes else None
         if timer.key == "tier_warning":
             return "fired", downgrade_warning(state, policy, timer.due, cause)
         return "fired", downgrade(state, policy, timer.due, cause)
@@ -287,8 +297,10 @@ def _fire(
         NotificationType.REPURCHASE_REMINDER,
         f"repurchase.{category}",
         rule.promotion,
-        # Past the expected repurchase (plus the lead again) a reminder no longer helps.
-        expires=expected + rule.lead_days * DAY,
+        # Past the expected repurchase (plus the lead again) a reminder no longer helps. With
+        # lead_days 0 the reminder is due at the expected repurchase itself: it gets a day, or
+        # it would be cancelled at its own due time and never sent.
+        expires=expected + max(1, rule.lead_days) * DAY,
         # The due time before any deferral, with the interval pending_timers() used (a
         # learned one too: the configured one would mark an on-time reminder as deferred).
         scheduled=timer.anchor + max(1, interval - rule.lead_days) * DAY,

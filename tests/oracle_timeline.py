@@ -19,8 +19,8 @@ Semantics, per customer, over its purchases (first copy of an event id wins) in 
 - marketing gates at a message's due time t (reminders and win-backs share them): if
   max_messages were sent in (t - per_days, t], wait until the oldest of the last max_messages
   is per_days old; if t is in quiet hours (policy time zone), wait until they end; check again
-  after each wait. A reminder still unsent at P + interval + lead days is dropped (too late to
-  help); a win-back is never dropped. A sent message's time is its (deferred) send time;
+  after each wait. A reminder still unsent at P + interval + max(1, lead) days is dropped (too
+  late to help); a win-back is never dropped. A sent message's time is its (deferred) send time;
 - timers due at the same second fire lifecycle first, then win-back, then reminders by category.
 """
 
@@ -161,7 +161,7 @@ class _Customer:
             anchor = self.pending[key][1]
             if key != "win_back":
                 interval, lead = self.policy.reminders[key.split(":", 1)[1]]
-                if due >= anchor + (interval + lead) * DAY:
+                if due >= anchor + (interval + max(1, lead)) * DAY:
                     del self.pending[key]  # too late to remind: dropped unsent
                     continue
             allowed = send_time(self.sent, due, self.policy)

@@ -311,6 +311,24 @@ def test_a_purchase_that_meets_the_tier_again_ends_the_grace_period() -> None:
     assert c.s.tier == "gold"
 
 
+def test_a_lowered_bar_ends_the_grace_period_at_the_warning_or_downgrade_without_notice() -> None:
+    """A new policy version lowers gold's bar below what a customer in its grace period has.
+    The worker adopting it wakes the customer, and the due tier timers fire before the
+    re-evaluation: they must see that gold is met (no "downgraded from gold to gold"), end
+    the grace period and not come back."""
+    lowered = policy_with(
+        lambda d: d["tiers"][2].update(min_window_orders=3, min_window_spend="800")
+    )
+    for until in (T0 + 79 * DAY, T0 + 100 * DAY):  # at the warning; at the downgrade
+        c = gold_customer()
+        c.refund(T0 + 10 * DAY, "p1", "300")  # 3 orders, 900 EUR: below gold (4, 1000)
+        assert c.s.below_since == T0 + 10 * DAY
+        c.policy = lowered  # gold: 3 orders and 800 EUR
+        assert c.at(until) == []
+        assert (c.s.tier, c.s.below_since, c.s.warned_for) == ("gold", None, None)
+        assert [t for t in pending_timers(c.s, c.policy) if t.kind == "tier"] == []
+
+
 def test_recovering_after_the_warning_cancels_the_downgrade_and_a_new_episode_warns_again() -> None:
     c = gold_customer()
     c.refund(T0 + 10 * DAY, "p1", "250")

@@ -525,6 +525,20 @@ def test_reminder_deferred_past_expected_repurchase_plus_lead_is_cancelled(
     assert "reminder:infant_formula" not in [t.key for t in pending_timers(result.state, policy)]
 
 
+def test_a_reminder_with_no_lead_goes_out_on_the_expected_day_and_may_be_deferred_a_day() -> None:
+    """lead_days 0: reminded when the repurchase is expected (day 21), which a cut-off of
+    "expected + lead" would cancel at its own due time, every time."""
+    policy = policy_with(lambda d: d["repurchase"]["categories"][FORMULA].update(lead_days=0))
+    state = bought(None, purchase("p1", T0), policy).state
+    assert state is not None
+    sent = moved(state, T0 + 21 * DAY, policy)
+    assert kinds(sent.notifications) == [("repurchase_reminder", T0 + 21 * DAY)]
+    state.marketing_sent = [T0 + 21 * DAY - 7 * DAY + 60, T0 + 21 * DAY - 7 * DAY + 120]
+    # The cap holds it for a minute (the older send turns 7 days old): still sent, not cancelled.
+    held = moved(state, T0 + 22 * DAY - 1, policy)
+    assert kinds(held.notifications) == [("repurchase_reminder", T0 + 21 * DAY + 60)]
+
+
 # -- the window ------------------------------------------------------------------------------
 
 
