@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Literal, TypeVar
 
-from redis.exceptions import BusyLoadingError, ClusterDownError, TryAgainError
+from redis.exceptions import BusyLoadingError, ClusterDownError, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -173,10 +173,14 @@ class Engine:
                 self.metrics.redis_seconds.labels(operation).observe(time.perf_counter() - started)
                 return result
             except TRANSIENT as exc:
+                self.metrics.redis_errors.labels(operation).inc()
                 self.metrics.redis_retries.labels(operation).inc()
                 log.warning("redis %s failed (%s); retrying in %.2fs", operation, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
+            except RedisError:  # OOM, READONLY, auth...: counted for the alert, not retried
+                self.metrics.redis_errors.labels(operation).inc()
+                raise
 
     async def learned_intervals(self) -> dict[str, int]:
         """Median repurchase gaps per learning category, re-read every `learn_refresh_s`."""

@@ -48,6 +48,13 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.redis_errors = Counter(
+            "memberflow_redis_errors_total",
+            "Redis operations that failed: transient errors (then retried) and others (the "
+            "batch fails, unacked, and the worker restarts it).",
+            ["operation"],
+            registry=r,
+        )
         self.version_conflicts = Counter(
             "memberflow_version_conflicts_total",
             "Customer writes refused because another worker wrote first (reloaded and redone).",

@@ -10,6 +10,7 @@ from decimal import Decimal
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from memberflow.engine import MAX_CONFLICT_ROUNDS, BatchOutcome, ClockMode, Engine, RawMessage
 from memberflow.metrics import Metrics
@@ -575,7 +576,29 @@ def test_transient_store_errors_are_retried() -> None:
         outcome = await engine.process([GOOD_1])
         assert outcome.applied == 1
         assert sample(engine, "memberflow_redis_retries_total", operation="load") == 2
+        assert sample(engine, "memberflow_redis_errors_total", operation="load") == 2
         assert (await state_of(store, "c1")).version == 1
+
+    asyncio.run(scenario())
+
+
+class RefusingStore(MemoryStore):
+    """A Redis that answers saves with an error no retry mends (maxmemory reached)."""
+
+    async def save(self, writes: Sequence[Write]) -> dict[str, int | None]:
+        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+
+def test_other_store_errors_are_counted_and_fail_the_batch() -> None:
+    """Not retried (the batch fails unacked; the worker restarts it), but counted: the
+    critical MemberflowRedisErrors alert reads memberflow_redis_errors_total."""
+
+    async def scenario() -> None:
+        engine = make_engine(RefusingStore())
+        with pytest.raises(ResponseError):
+            await engine.process([GOOD_1])
+        assert sample(engine, "memberflow_redis_errors_total", operation="save") == 1
+        assert sample(engine, "memberflow_redis_retries_total", operation="save") is None
 
     asyncio.run(scenario())
 

@@ -26,18 +26,6 @@ OPS = ROOT / "ops"
 GRAFANA = OPS / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "memberflow.json"
 
-# Metrics that issue 5 adds to memberflow/metrics.py under exactly these names (name -> type).
-# Alerts and panels may use them before they exist; once they do, the registry lists them too.
-PLANNED_METRICS = {
-    "memberflow_consumer_lag_events": "gauge",
-    "memberflow_processing_latency_seconds": "histogram",
-    "memberflow_event_time_lag_seconds": "histogram",
-    "memberflow_redis_errors_total": "counter",
-    "memberflow_timer_lateness_seconds": "histogram",
-    "memberflow_tier_transitions_total": "counter",
-    "memberflow_customers": "gauge",
-    "memberflow_last_event_timestamp_seconds": "gauge",
-}
 # Series Prometheus itself writes for every target.
 PROMETHEUS_SERIES = {"up"}
 
@@ -66,8 +54,6 @@ def known_series() -> frozenset[str]:
     names = set(PROMETHEUS_SERIES)
     for family in Metrics().registry.collect():
         names |= _series_names(family.name, family.type)
-    for name, kind in PLANNED_METRICS.items():
-        names |= _series_names(name, kind)
     return frozenset(names)
 
 
