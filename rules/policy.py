@@ -9,7 +9,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-PositiveMoney = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
+# Thresholds in the base currency: whole cents (the fold compares integer minor units, so
+# 300.001 and 300.004 would be two tiers with one bar) and at most what one event may carry
+# (streams.events.Money): a larger bar is never met, and 1e30 overflowed the cent rounding.
+PositiveMoney = Annotated[
+    Decimal, Field(ge=0, le=Decimal("1e12"), decimal_places=2, allow_inf_nan=False)
+]
+# Units of the base currency per unit of a currency. Bounded so that the largest event amount
+# (1e12) converts to cents within Decimal's default 28 digits.
+Rate = Annotated[Decimal, Field(gt=0, le=Decimal("1e6"), allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -149,7 +157,7 @@ class Marketing(_Strict):
 class Policy(_Strict):
     version: str = Field(min_length=1, max_length=64)
     base_currency: str = Field(pattern=r"^[A-Z]{3}$")
-    currencies: dict[str, Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]]
+    currencies: dict[str, Rate]
     window_days: int = Field(365, ge=1, le=3650)
     input: InputBounds = Field(default_factory=lambda: InputBounds.model_validate({}))
     tiers: tuple[TierRule, ...] = Field(min_length=1)

@@ -174,6 +174,15 @@ def _age_below_window(d: dict[str, Any]) -> None:
         (lambda d: d["tiers"][1].update(min_window_spend="-1"), "tiers.1.min_window_spend: "),
         (lambda d: d["tiers"][1].update(name="Silver"), "tiers.1.name: "),
         (lambda d: d.update(base_currency="eur"), "base_currency: "),
+        (
+            lambda d: d["tiers"][2].update(min_window_spend="1e30"),
+            "tiers.2.min_window_spend: Input should be less than or equal to 1E+12",
+        ),
+        (
+            lambda d: d["tiers"][1].update(min_window_spend="300.001"),
+            "tiers.1.min_window_spend: Decimal input should have no more than 2 decimal places",
+        ),
+        (lambda d: d["currencies"].update(USD="1e20"), "currencies.USD: "),
     ],
     ids=[
         "duplicate-tier",
@@ -197,6 +206,9 @@ def _age_below_window(d: dict[str, Any]) -> None:
         "negative-threshold",
         "tier-name-case",
         "base-currency-case",
+        "threshold-beyond-any-event",
+        "threshold-below-a-cent",
+        "rate-beyond-cent-rounding",
     ],
 )
 def test_invalid_policy_is_a_policy_error_naming_the_problem(
@@ -208,6 +220,35 @@ def test_invalid_policy_is_a_policy_error_naming_the_problem(
     error = str(info.value)
     assert error.startswith("rules.yaml: invalid policy:\n  - "), error
     assert message in error, error
+
+
+def test_the_largest_threshold_and_rate_allowed_still_fold() -> None:
+    """What the bounds let through must not break the fold: the 1e12 bar and an event at the
+    largest amount in the currency with the largest rate (1e30 once raised InvalidOperation
+    in the cent rounding on every purchase)."""
+    from rules.customer import apply
+    from streams.events import Purchase
+
+    def change(d: dict[str, Any]) -> None:
+        d["tiers"][2]["min_window_spend"] = "1e12"
+        d["currencies"]["XAU"] = "1e6"
+
+    policy = parse_policy(policy_text(change))
+    state = None
+    for n in range(4):
+        event = Purchase.model_validate(
+            {
+                "event_id": f"p{n}",
+                "customer_id": "c1",
+                "occurred_at": "2026-06-01T10:00:00Z",
+                "amount": "1e12" if n == 3 else "1",
+                "currency": "XAU" if n == 3 else "EUR",
+            }
+        )
+        decision = apply(state, event, policy, 1_780_308_000)
+        assert decision.rejection is None
+        state = decision.state
+    assert state is not None and state.tier == "gold"
 
 
 def test_max_event_age_equal_to_window_is_allowed() -> None:
