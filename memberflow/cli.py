@@ -284,6 +284,15 @@ def cmd_tick(args: argparse.Namespace) -> int:
     settings = _settings()
     at = _parse_time(args.time) if args.time else int(time.time())
     moment = datetime.fromtimestamp(at, UTC)
+    # Refused here, before anything is sent: workers dead-letter a tick this far ahead of
+    # their clocks (future_timestamp), so event time would not move although we said it did.
+    skew = _policy(settings).input.max_future_skew_minutes
+    if at > time.time() + skew * 60:
+        raise CliError(
+            f"{moment.isoformat()} is more than {skew} minutes (input.max_future_skew_minutes) "
+            "ahead of this machine's clock: workers would dead-letter the tick as "
+            "future_timestamp"
+        )
     servers = bootstrap_servers(settings.broker_url)
     try:
         ensure_topics(settings)
@@ -300,8 +309,8 @@ def cmd_tick(args: argparse.Namespace) -> int:
     finally:
         producer.close(timeout=5)
     print(
-        f"event time is now {moment.isoformat()} on {len(partitions)} partitions of "
-        f"{settings.purchases_topic}",
+        f"tick at {moment.isoformat()} sent to {len(partitions)} partitions of "
+        f"{settings.purchases_topic}: each moves its event time there as a worker reads it",
         file=sys.stderr,
     )
     return 0

@@ -357,3 +357,21 @@ def test_publish_names_an_unreachable_broker(tmp_path: Path) -> None:
 def test_module_has_no_broker_dependency_at_import() -> None:
     # Mapping and reading must work where kafka is not configured (the demo's synthetic shop).
     assert "kafka" not in vars(replay)
+
+
+def test_tick_refuses_a_time_the_workers_would_dead_letter(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tick more than input.max_future_skew_minutes ahead is refused before anything is
+    sent: workers dead-letter it (future_timestamp), and the command used to report that
+    event time had moved."""
+    from memberflow import cli
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("nothing may be sent")
+
+    monkeypatch.setattr(memberflow.kafka, "ensure_topics", unreachable)
+    assert cli.main(["tick", "2999-01-01T00:00:00Z"]) == 2
+    err = capsys.readouterr().err
+    assert "more than 10 minutes (input.max_future_skew_minutes) ahead" in err, err
+    assert "future_timestamp" in err
