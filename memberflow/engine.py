@@ -292,7 +292,11 @@ class Engine:
             if rejection is None:
                 # Timers due before this event fire first, but only count if the event is
                 # applied: a refused or duplicate event must not move the customer's time.
-                moved = advance(fold.state, self.policy, now, learned) if fold.state else None
+                moved = (
+                    advance(fold.state, self.policy, now, learned, self._sends_from(now))
+                    if fold.state
+                    else None
+                )
                 decision = apply(moved.state if moved else fold.state, event, self.policy, now)
                 rejection = decision.rejection
                 if decision.duplicate:
@@ -462,6 +466,11 @@ class Engine:
 
     # -- timers ------------------------------------------------------------------------------
 
+    def _sends_from(self, now: int) -> int | None:
+        """When a marketing message fired now really goes out (rules.timeline.advance): in
+        `wall` mode now; in `event` mode at its due time, as a batch computation would."""
+        return now if self.clock_mode == "wall" else None
+
     async def timer_clock(self, shard: int) -> int:
         """The time up to which a shard's timers fire: wall time, or in `event` mode the
         shard's event clock less the allowed lateness."""
@@ -507,7 +516,7 @@ class Engine:
             if stored.state is None:
                 vanished[stored.customer_id] = stored.version
                 return f
-            moved = advance(stored.state, self.policy, until, learned)
+            moved = advance(stored.state, self.policy, until, learned, self._sends_from(until))
             # Relabelled in place below: either advance()'s own copy or the state just loaded
             # for this fold (a conflict reloads it), so nothing shared changes.
             f.state, f.effects, f.fired = moved.state, list(moved.effects), list(moved.fired)

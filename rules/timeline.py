@@ -207,9 +207,20 @@ def wake_at(
 
 
 def advance(
-    state: CustomerState, policy: Policy, now: int, learned: dict[str, int] | None = None
+    state: CustomerState,
+    policy: Policy,
+    now: int,
+    learned: dict[str, int] | None = None,
+    sends_from: int | None = None,
 ) -> Advance:
-    """Fire every timer due at or before `now`, each at its own due time, in due order."""
+    """Fire every timer due at or before `now`, each at its own due time, in due order.
+
+    `sends_from`: the earliest time a marketing message can really go out (wall clock mode:
+    now). A message whose timer fires later than its due time (workers were down; a purchase
+    that arrived late made it due in the past) is judged when it goes out: cancelled if no
+    longer useful, held by the cap or quiet hours as they stand then, its promotion valid
+    from then. None (event clock mode, simulations): at its due time, as a batch computation
+    over the events would send it."""
     learned = learned or {}
     current: CustomerState | None = None
     notifications: list[Notification] = []
@@ -224,7 +235,7 @@ def advance(
             current = state.copy()
         timer = _timer(first)
         fired.append(timer)
-        outcome, notification = _fire(current, timer, policy, learned)
+        outcome, notification = _fire(current, timer, policy, learned, sends_from)
         effects.append((timer.kind, outcome))
         if notification is not None:
             notifications.append(notification)
@@ -234,7 +245,11 @@ def advance(
 
 
 def _fire(
-    state: CustomerState, timer: Timer, policy: Policy, learned: dict[str, int]
+    state: CustomerState,
+    timer: Timer,
+    policy: Policy,
+    learned: dict[str, int],
+    sends_from: int | None = None,
 ) -> tuple[str, Notification | None]:
     cause = Cause(kind="timer", id=f"{timer.key}@{timer.anchor}")
     if timer.kind == "window_expiry":
@@ -267,11 +282,13 @@ def _fire(
             reason=f"no purchase for {days} days",
             inputs={"last_purchase_at": iso(timer.anchor), "days_without_purchase": days},
         )
+    sends_at = max(timer.due, sends_from or 0)  # when a marketing message goes out
     if timer.kind == "win_back":
         assert policy.win_back is not None
         return _marketing(
             state,
             timer,
+            sends_at,
             policy,
             cause,
             NotificationType.WIN_BACK_OFFER,
@@ -292,6 +309,7 @@ def _fire(
     return _marketing(
         state,
         timer,
+        sends_at,
         policy,
         cause,
         NotificationType.REPURCHASE_REMINDER,
@@ -319,6 +337,7 @@ def _fire(
 def _marketing(
     state: CustomerState,
     timer: Timer,
+    at: int,
     policy: Policy,
     cause: Cause,
     kind: NotificationType,
@@ -329,28 +348,34 @@ def _marketing(
     details: dict[str, Any],
     settle: Any,
 ) -> tuple[str, Notification | None]:
-    """Send a marketing message at `timer.due` unless the cap or quiet hours forbid it then:
-    deferred to the next allowed time (never dropped), cancelled once no longer relevant."""
-    if expires is not None and timer.due >= expires:
+    """Send a marketing message at `at` (its due time, or later when it fires late: advance())
+    unless the cap or quiet hours forbid it: deferred to the next allowed time (never
+    dropped), cancelled once no longer relevant. The gates are asked at the due time first,
+    so a message due in quiet hours is deferred to their end as it would have been on time
+    (the wake-up and the lateness count from there); one that passed them then is asked
+    again at `at`, when it really goes out."""
+    if expires is not None and at >= expires:
         settle()
         state.deferred.pop(timer.key, None)
         return "cancelled", None
-    allowed, gate = next_allowed(state.marketing_sent, policy.marketing, timer.due)
-    if allowed > timer.due:
+    asked = timer.due
+    allowed, gate = next_allowed(state.marketing_sent, policy.marketing, asked)
+    if allowed == asked and at > asked:
+        asked = at
+        allowed, gate = next_allowed(state.marketing_sent, policy.marketing, asked)
+    if allowed > asked:
         state.deferred[timer.key] = [timer.anchor, allowed]
         return f"deferred_{gate}", None
     settle()
     state.deferred.pop(timer.key, None)
-    state.marketing_sent = sorted([*state.marketing_sent, timer.due])[
-        -policy.marketing.max_messages :
-    ]
-    valid_until = timer.due + promotion.valid_days * DAY
+    state.marketing_sent = sorted([*state.marketing_sent, at])[-policy.marketing.max_messages :]
+    valid_until = at + promotion.valid_days * DAY
     explanation: dict[str, Any] = {
         "rule": rule,
         **details,
         "scheduled_for": iso(scheduled),
-        "sent_at": iso(timer.due),
-        "deferred": scheduled != timer.due,
+        "sent_at": iso(at),
+        "deferred": scheduled != at,
         "promotion": {
             "description": promotion.description,
             "discount_percent": str(promotion.discount_percent),
@@ -368,7 +393,7 @@ def _marketing(
         notification_id=notification_id(state.customer_id, kind, rule, cause.id),
         type=kind,
         customer_id=state.customer_id,
-        occurred_at=datetime.fromtimestamp(timer.due, UTC),
+        occurred_at=datetime.fromtimestamp(at, UTC),
         cause=cause,
         policy_version=policy.version,
         summary=summary,

@@ -812,9 +812,9 @@ def test_process_due_in_wall_mode_fires_a_due_reminder_once() -> None:
         clock.now = WALL + FORMULA_DUE + 5.5
         fired = await engine.process_due(1)
         assert fired.timers_fired == 1
-        # Fired at its own due time, not at the (later) clock.
+        # In `wall` mode a message is sent when it really goes out: the (later) clock.
         assert reminders(fired) == [
-            ("c1", at(WALL + FORMULA_DUE), f"reminder:infant_formula@{WALL}")
+            ("c1", at(WALL + FORMULA_DUE + 5), f"reminder:infant_formula@{WALL}")
         ]
         assert len(fired.notifications) == 1
         assert fired.outbox_versions == {"c1": 2}
@@ -879,7 +879,7 @@ def test_a_reminder_due_in_quiet_hours_is_woken_once_when_they_end() -> None:
         clock.now = quiet_end + 5
         woken = await engine.process_due(1)
         assert woken.timers_fired == 2  # deferred at its due time, then sent
-        assert reminders(woken) == [("c1", at(quiet_end), f"reminder:infant_formula@{evening}")]
+        assert reminders(woken) == [("c1", at(quiet_end + 5), f"reminder:infant_formula@{evening}")]
         (note,) = woken.notifications
         assert note.explanation["deferred"] is True
         assert note.explanation["scheduled_for"] == iso(due)
@@ -992,9 +992,9 @@ def test_redelivered_batch_after_process_due_does_not_fire_again(clock_mode: Clo
         if clock_mode == "event":
             await engine.process([tick(3, WALL, partition=0)])
         fired = await engine.process_due(0)
-        assert reminders(fired) == [
-            ("c1", at(bought_at + FORMULA_DUE), f"reminder:infant_formula@{bought_at}")
-        ]
+        # Six days late: `wall` mode sends it now, `event` mode at its due time.
+        sent = WALL if clock_mode == "wall" else bought_at + FORMULA_DUE
+        assert reminders(fired) == [("c1", at(sent), f"reminder:infant_formula@{bought_at}")]
         await engine.confirm(fired)
         before = await snapshot(store)
 
@@ -1022,9 +1022,10 @@ def test_customer_with_no_timers_left_is_unindexed() -> None:
         )
         clock.now = WALL + 200 * DAY
         lapsed = await engine.process_due(4)
+        # State changes at their due times; the message when it really goes out (wall mode).
         assert [(n.type.value, n.occurred_at) for n in lapsed.notifications] == [
             ("lifecycle_changed", at(WALL + 60 * DAY)),
-            ("win_back_offer", at(WALL + 120 * DAY)),
+            ("win_back_offer", at(WALL + 200 * DAY)),
             ("lifecycle_changed", at(WALL + 180 * DAY)),
         ]
         assert lapsed.timers == {"c1": TimerEntry(4, window_end, 2)}  # churned: the window left
