@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 SCHEMA_VERSION = 1
 
@@ -21,6 +29,21 @@ CurrencyCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 # Finite, non-negative money with at most 1e12 and sub-cent precision tolerated (rounded later).
 Money = Annotated[Decimal, Field(ge=0, le=Decimal("1e12"), allow_inf_nan=False)]
+
+_RFC3339_START = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _date_time_text(value: Any) -> Any:
+    """The contract says RFC 3339 text with a zone. pydantic's datetime also reads numbers and
+    numeric strings as Unix time (1780000000000 silently as milliseconds): refused, so a
+    producer sending epochs learns it from the dead letter instead of from wrong dates."""
+    if isinstance(value, datetime) or (isinstance(value, str) and _RFC3339_START.match(value)):
+        return value
+    raise ValueError("expected an RFC 3339 date-time with a zone, e.g. 2026-06-01T10:00:00Z")
+
+
+# Event time on the wire; datetimes built in code pass as they are.
+EventTime = Annotated[AwareDatetime, BeforeValidator(_date_time_text)]
 
 
 class _Frozen(BaseModel):
@@ -61,7 +84,7 @@ class Purchase(_Event):
     schema_version: Literal[1] = 1
     event_id: Identifier
     customer_id: Identifier
-    occurred_at: AwareDatetime  # event time, with a zone
+    occurred_at: EventTime  # event time, with a zone
     amount: Money
     currency: CurrencyCode
     items: tuple[Item, ...] = ()
@@ -80,7 +103,7 @@ class Refund(_Event):
     event_id: Identifier
     customer_id: Identifier
     refund_of: Identifier
-    occurred_at: AwareDatetime
+    occurred_at: EventTime
     amount: Money
     currency: CurrencyCode
 
@@ -92,7 +115,7 @@ class Tick(_Frozen):
 
     type: Literal["tick"] = "tick"
     schema_version: Literal[1] = 1
-    occurred_at: AwareDatetime
+    occurred_at: EventTime
 
 
 InputEvent = Purchase | Refund

@@ -250,6 +250,11 @@ def test_unknown_type(event_type: object) -> None:
         (purchase_doc(currency="eur"), "currency"),
         (purchase_doc(currency="EURO"), "currency"),
         (purchase_doc(currency=""), "currency"),
+        (purchase_doc(occurred_at=1780000000), "occurred_at"),
+        (purchase_doc(occurred_at="1780000000"), "occurred_at"),
+        (purchase_doc(occurred_at=1780000000000), "occurred_at"),
+        (purchase_doc(occurred_at="2026-03-04"), "occurred_at"),
+        (refund_doc(occurred_at=1780000000.5), "occurred_at"),
     ],
     ids=[
         "missing-event_id",
@@ -279,12 +284,24 @@ def test_unknown_type(event_type: object) -> None:
         "currency-lower-case",
         "currency-four-letters",
         "currency-empty",
+        "epoch-seconds",
+        "epoch-text",
+        "epoch-milliseconds",
+        "date-only",
+        "refund-epoch",
     ],
 )
 def test_schema_violation_names_the_field(doc: dict[str, Any], field: str) -> None:
     result = rejected(decode_event(raw(doc)))
     assert result.reason is RejectReason.SCHEMA
     assert result.detail.startswith(f"{field}"), result.detail
+
+
+@pytest.mark.parametrize(
+    "moment", ["2026-03-04T05:06:07Z", "2026-03-04 05:06:07+01:00", "2026-03-04t05:06:07.25-03:30"]
+)
+def test_rfc3339_forms_with_a_zone_are_accepted(moment: str) -> None:
+    assert isinstance(decode_event(raw(purchase_doc(occurred_at=moment))), Purchase)
 
 
 def test_customer_id_of_maximum_length_is_accepted() -> None:
