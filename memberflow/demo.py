@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 import threading
 import time
@@ -141,7 +142,22 @@ def _population(redis_url: str, publish_now: bool = False) -> dict[str, Counter[
     return grouped
 
 
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(options: DemoOptions) -> int:
+    """Run the demo; SIGTERM (what `timeout` or a service manager sends) stops it as Ctrl-C
+    does, through the cleanup that stops the worker, Redis and the broker. Python's default
+    for SIGTERM ends the process at once and left those three running."""
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        return _demo(options)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _demo(options: DemoOptions) -> int:
     style = _Style(sys.stdout.isatty())
     out = sys.stdout
     workdir = options.workdir
