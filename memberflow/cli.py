@@ -31,7 +31,12 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        raise CliError(f"invalid MEMBERFLOW_* settings:\n{exc}") from exc
+        # Named as the operator set them (the environment variable), without pydantic's links.
+        lines = [
+            f"  - MEMBERFLOW_{str(err['loc'][0]).upper() if err['loc'] else '?'}: {err['msg']}"
+            for err in exc.errors(include_url=False)
+        ]
+        raise CliError("invalid MEMBERFLOW_* settings:\n" + "\n".join(lines)) from exc
 
 
 def _policy(settings: Settings) -> Policy:

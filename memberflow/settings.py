@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,6 +30,25 @@ class Settings(BaseSettings):
     broker_password: SecretStr | None = Field(None, description="SASL PLAIN password.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (rediss:// = TLS).")
     redis_cluster: bool = Field(False, description="Talk to redis_url as a Redis Cluster.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        # Checked here so a typo is a settings error naming the variable, not a traceback from
+        # redis-py at the first command.
+        if url.split("://", 1)[0] not in ("redis", "rediss", "unix") or "://" not in url:
+            raise ValueError(f"expected redis://, rediss:// or unix://, got {url!r}")
+        return url
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, url: str) -> str:
+        for part in url.replace(";", ",").split(","):
+            scheme = part.strip().split("://", 1)[0] if "://" in part else "kafka"
+            if scheme != "kafka":
+                raise ValueError(f"expected kafka://host:port[;...], got {url!r}")
+        return url
+
     redis_password: SecretStr | None = Field(None, description="Redis password (AUTH).")
     web_host: str = Field("127.0.0.1", description="Bind address of the worker's HTTP views.")
     web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP views.")
