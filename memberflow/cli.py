@@ -377,6 +377,11 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from memberflow.demo import DemoOptions, run_demo
 
+    if args.workdir:
+        try:
+            Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CliError(f"cannot use --workdir {args.workdir}: {exc.strerror}") from exc
     return run_demo(
         DemoOptions(
             customers=args.customers,
@@ -388,6 +393,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
             hold_s=args.hold,
         )
     )
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a stream worker (Faust) from the MEMBERFLOW_* settings",
         description="Run a worker: consumes the purchases topic, writes state to Redis, "
         "produces notifications and dead letters. Start several for more throughput; "
-        "they share the topic's partitions.",
+        "they share the topic's partitions (on one host, give each its own "
+        "MEMBERFLOW_WEB_PORT: the HTTP views listen on 6066 by default). Settings come "
+        "from MEMBERFLOW_* environment variables (README, Configuration).",
     )
     p.set_defaults(func=cmd_worker)
 
@@ -417,15 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
         "redis-server in a temp dir, a worker, and a synthetic shop producing purchases; "
         "shows progress and a live summary, then stops by itself.",
     )
-    p.add_argument("--customers", type=int, default=300, help="synthetic customers (300)")
-    p.add_argument("--days", type=int, default=400, help="days of shop history to generate (400)")
-    p.add_argument("--duration", type=float, default=90.0, help="stop after N seconds (90)")
-    p.add_argument("--rate", type=float, default=400.0, help="purchases per second offered (400)")
+    p.add_argument("--customers", type=_count, default=300, help="synthetic customers (300)")
+    p.add_argument(
+        "--days", type=_count, default=400, help="days of shop history to generate (400)"
+    )
+    p.add_argument("--duration", type=_seconds, default=90.0, help="stop after N seconds (90)")
+    p.add_argument("--rate", type=_rate, default=400.0, help="purchases per second offered (400)")
     p.add_argument("--seed", type=int, default=7, help="random seed of the synthetic shop (7)")
     p.add_argument("--workdir", help="keep logs and data here instead of a temp dir")
     p.add_argument(
         "--hold",
-        type=float,
+        type=_seconds,
         default=0.0,
         help="keep the broker, Redis and the worker up this many seconds after the summary, "
         "to browse the status page and the HTTP API (0)",
@@ -458,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="every customer's state, one JSON object per line",
         description="Export every customer: customer_id, first/last purchase, recency_days, "
-        "frequency and monetary (rolling window), lifetime totals, tier, categories.",
+        "frequency, monetary and average order value (rolling window), lifetime totals, "
+        "tier, lifecycle stage, categories, and the segment of the latest snapshot "
+        "(rfm_type, rfm_scores, grade).",
     )
     p.add_argument(
         "--as-of",
@@ -504,7 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     rules = commands.add_parser("rules", help="policy tools").add_subparsers(
         dest="rules_command", required=True, metavar="SUBCOMMAND"
     )
-    p = rules.add_parser("check", help="validate a policy file with clear errors")
+    p = rules.add_parser(
+        "check",
+        help="validate a policy file with clear errors",
+        description="Validate a policy (rules) file: every problem is listed with where it "
+        "is; exit 0 when the file is valid. Workers refuse to start with an invalid file.",
+    )
     p.add_argument("file")
     p.set_defaults(func=cmd_rules_check)
     from memberflow.simulate import add_parser as add_simulate_parser
