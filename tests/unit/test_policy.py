@@ -93,8 +93,10 @@ def test_policy_is_frozen() -> None:
         ("42\n", "expected a mapping at the top level"),
         ("just text\n", "expected a mapping at the top level"),
         ("", "expected a mapping at the top level"),
+        ("version: a\nwindow_days: 365\nwindow_days: 30\n", "not valid YAML: duplicate key"),
+        ("tiers:\n  - name: a\n    name: b\n", "not valid YAML: duplicate key 'name'"),
     ],
-    ids=["unclosed", "bad-indent", "list", "number", "scalar", "empty"],
+    ids=["unclosed", "bad-indent", "list", "number", "scalar", "empty", "dup-key", "dup-nested"],
 )
 def test_unusable_documents(text: str, message: str) -> None:
     with pytest.raises(PolicyError) as info:
