@@ -152,7 +152,8 @@ def cmd_customer(args: argparse.Namespace) -> int:
 
     view = asyncio.run(_with_store(settings, work))
     if view is None:
-        print(f"no such customer: {args.customer_id}", file=sys.stderr)
+        # Exit 1, not 2: the command was right, the customer is not there (scripts tell apart).
+        print(f"memberflow: no such customer: {args.customer_id}", file=sys.stderr)
         return 1
     print(json.dumps(view, indent=2, ensure_ascii=False))
     return 0
@@ -476,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish purchases from a CSV or JSONL file to the purchases topic",
         description="Publish history to the purchases topic, keyed by customer_id, with a "
         "progress bar. CSV header: event_id,customer_id,occurred_at,amount and optional "
-        "currency,category,sku,quantity (and type,refund_of for refunds). occurred_at is ISO "
-        "8601; a bare date means midnight UTC. JSONL lines are published as they are. Bad "
+        "currency,category,sku,quantity,channel (and type,refund_of for refunds). "
+        "occurred_at is ISO 8601; a bare date means midnight UTC. JSONL lines are published "
+        "as they are. Bad "
         "lines are published too: the worker dead-letters them with the reason.",
     )
     p.add_argument("path", help="a .csv, .jsonl or .ndjson file")
