@@ -100,3 +100,5 @@ def test_sigterm_stops_the_demo_and_everything_it_started() -> None:
         if demo.poll() is None:
             demo.kill()
             demo.wait(timeout=10)
+        if demo.stdout is not None:
+            demo.stdout.close()
