@@ -24,7 +24,6 @@ from rules.customer import (
     expire,
     iso,
     notification_id,
-    qualifying_tier,
     stage_change,
 )
 from rules.policy import Marketing, Policy, Promotion
@@ -258,14 +257,12 @@ def _fire(
         evaluate_tier(state, policy, timer.due, cause)
         return "fired", None
     if timer.kind == "tier":
-        orders, spend = state.window(timer.due, policy.window_days)
-        if policy.tier_rank(qualifying_tier(policy, orders, spend).name) >= policy.tier_rank(
-            state.tier
-        ):
-            # The customer meets its tier again without an event having said so: a new policy
-            # version lowered the bar (its wake re-evaluates after the due timers fire). The
-            # grace period ends here, with no warning or downgrade (an upgrade if one is met).
-            notes = evaluate_tier(state, policy, timer.due, cause)
+        # The rule is asked again first: a new policy version may have lowered the bar (its
+        # wake re-evaluates only after the due timers fire). Met, the grace period ends here
+        # with no warning or downgrade (an upgrade if a higher tier is met); still missed,
+        # evaluate_tier changes nothing.
+        notes = evaluate_tier(state, policy, timer.due, cause)
+        if state.below_since is None:
             return "cancelled", notes[0] if notes else None
         if timer.key == "tier_warning":
             return "fired", downgrade_warning(state, policy, timer.due, cause)
