@@ -365,7 +365,7 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     tiers = ", ".join(
         f"{t.name} (>= {t.min_window_spend} {policy.base_currency}, >= {t.min_window_orders} "
-        "orders)"
+        f"orders{', formerly ' + '/'.join(t.formerly) if t.formerly else ''})"
         for t in policy.tiers
     )
     print(f"{args.file}: policy {policy.version} is valid; tiers: {tiers}")

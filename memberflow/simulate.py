@@ -59,13 +59,6 @@ segments and grades relabelled. While old and new workers run side by side, the 
 still on old workers are judged by the old policy."""
 
 
-def _rank(policy: Policy, tier: str) -> int | None:
-    for rank, rule in enumerate(policy.tiers):
-        if rule.name == tier:
-            return rank
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """One customer judged under one policy."""
@@ -109,24 +102,26 @@ class Simulation:
         self.tiers[(before.tier, after.tier)] += 1
         self.segments[(before.segment, after.segment)] += 1
         self.grades[(before.grade, after.grade)] += 1
-        stored = _rank(self.current, state.tier)
+        stored = self.current.find_tier(state.tier)
         if stored is not None and stored > self.current.tier_rank(before.tier):
             self.held += 1
-        if _rank(self.new, state.tier) is None:
+        if self.new.find_tier(state.tier) is None:
             self.orphaned += 1
 
     def _tier_direction(self, old: str, new: str) -> str:
-        a, b = _rank(self.new, old), _rank(self.new, new)
+        a, b = self.new.find_tier(old), self.new.find_tier(new)
         if old == new:
             return "same"
-        if a is None or b is None:  # a tier the new policy removed or renamed
+        if a is None or b is None:  # a tier the new policy removed (or renamed, no `formerly`)
             return "changed"
+        if a == b:  # renamed, listed in the new tier's `formerly`
+            return "same"
         return "up" if b > a else "down"
 
     def report(self) -> dict[str, Any]:
         def tier_key(pair: tuple[str, str]) -> tuple[int, int, str, str]:
-            a = _rank(self.current, pair[0])
-            b = _rank(self.new, pair[1])
+            a = self.current.find_tier(pair[0])
+            b = self.new.find_tier(pair[1])
             return (a if a is not None else 99, b if b is not None else 99, *pair)
 
         tier_moves = [
@@ -235,7 +230,8 @@ class Simulation:
             notes.append(
                 f"{self.orphaned} customers hold a tier the new policy does not have; the "
                 "engine treats such a tier as the entry tier until the customer qualifies "
-                "for another."
+                "for another. A renamed tier keeps its holders when the new tier lists the old "
+                "name under `formerly`."
             )
         return notes
 

@@ -736,6 +736,8 @@ def evaluate_tier(
     orders, spend = state.window(now, policy.window_days)
     target = qualifying_tier(policy, orders, spend)
     current_rank, target_rank = policy.tier_rank(state.tier), policy.tier_rank(target.name)
+    if policy.tiers[current_rank].name != state.tier and policy.find_tier(state.tier) is not None:
+        state.tier = policy.tiers[current_rank].name  # a former name (`formerly`): a rename
     if target_rank < current_rank:
         if state.below_since is None:
             state.below_since = now

@@ -24,12 +24,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+TierName = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_-]*$")]
+
+
 class TierRule(_Strict):
     """Entry rule of a tier: both thresholds must be met on the rolling window."""
 
-    name: str = Field(min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_-]*$")
+    name: TierName
     min_window_spend: PositiveMoney = Decimal(0)
     min_window_orders: int = Field(0, ge=0)
+    # Names this tier had in earlier policy versions: a customer holding one of them holds this
+    # tier (renamed on its next evaluation, keeping tier_since, with no notification). Without
+    # it a renamed tier's holders would count as the entry tier and be "upgraded" back.
+    formerly: tuple[TierName, ...] = ()
 
 
 class InputBounds(_Strict):
@@ -175,6 +182,11 @@ class Policy(_Strict):
         names = [tier.name for tier in self.tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
+        former = [old for tier in self.tiers for old in tier.formerly]
+        if len(set(former)) != len(former):
+            raise ValueError(f"a former tier name may map to one tier only, got {former}")
+        if clash := sorted(set(former) & set(names)):
+            raise ValueError(f"{clash} cannot be both a tier and a former name of another tier")
         first = self.tiers[0]
         if first.min_window_spend or first.min_window_orders:
             raise ValueError(f"the first tier ({first.name}) is the entry tier: no thresholds")
@@ -196,11 +208,20 @@ class Policy(_Strict):
             raise ValueError("input.max_event_age_days must be >= window_days")
         return self
 
-    def tier_rank(self, name: str) -> int:
+    def find_tier(self, name: str) -> int | None:
+        """The rank of the tier a stored tier name means (its name or a former one), or None
+        for a name this policy does not know."""
         for rank, tier in enumerate(self.tiers):
             if tier.name == name:
                 return rank
-        return 0  # a tier removed from the policy counts as the entry tier
+        for rank, tier in enumerate(self.tiers):
+            if name in tier.formerly:
+                return rank
+        return None
+
+    def tier_rank(self, name: str) -> int:
+        rank = self.find_tier(name)
+        return 0 if rank is None else rank  # a tier removed from the policy: the entry tier
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -59,6 +59,16 @@ def test_default_policy_parses_with_documented_values() -> None:
     ]
     assert [policy.tier_rank(t) for t in ("member", "silver", "gold", "platinum")] == [0, 1, 2, 3]
     assert policy.tier_rank("diamond") == 0
+    assert policy.find_tier("diamond") is None
+
+
+def test_a_former_tier_name_means_the_tier_that_lists_it() -> None:
+    def rename(d: dict[str, Any]) -> None:
+        d["tiers"][2].update(name="premium", formerly=["gold", "vip"])
+
+    policy = parse_policy(policy_text(rename))
+    assert [policy.find_tier(t) for t in ("premium", "gold", "vip", "silver")] == [2, 2, 2, 1]
+    assert policy.find_tier("diamond") is None and policy.tier_rank("diamond") == 0
 
 
 def test_load_policy_reads_the_default_file() -> None:
@@ -185,6 +195,18 @@ def _age_below_window(d: dict[str, Any]) -> None:
             "tiers.1.min_window_spend: Decimal input should have no more than 2 decimal places",
         ),
         (lambda d: d["currencies"].update(USD="1e20"), "currencies.USD: "),
+        (
+            lambda d: (
+                d["tiers"][1].update(formerly=["bronze"]),
+                d["tiers"][2].update(formerly=["bronze"]),
+            ),
+            "a former tier name may map to one tier only, got ['bronze', 'bronze']",
+        ),
+        (
+            lambda d: d["tiers"][2].update(formerly=["silver"]),
+            "['silver'] cannot be both a tier and a former name of another tier",
+        ),
+        (lambda d: d["tiers"][2].update(formerly=["Gold"]), "tiers.2.formerly.0: "),
     ],
     ids=[
         "duplicate-tier",
@@ -211,6 +233,9 @@ def _age_below_window(d: dict[str, Any]) -> None:
         "threshold-beyond-any-event",
         "threshold-below-a-cent",
         "rate-beyond-cent-rounding",
+        "former-name-twice",
+        "former-name-is-a-tier",
+        "former-name-case",
     ],
 )
 def test_invalid_policy_is_a_policy_error_naming_the_problem(

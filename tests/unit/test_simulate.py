@@ -198,6 +198,17 @@ def test_a_renamed_tier_is_a_change_and_is_reported() -> None:
     assert any("does not have" in note for note in report["notes"])
 
 
+def test_a_tier_renamed_with_formerly_is_the_same_tier() -> None:
+    renamed = as_policy(variant(lambda d: d["tiers"][1].update(name="bronze", formerly=["silver"])))
+    states = [customer("a", 2, 400, tier="silver"), customer("b", 1, 10)]
+    report = simulate(states, CURRENT, renamed, SNAPSHOT, NOW)
+    moves = {(m["from"], m["to"]): m["direction"] for m in report["tiers"]["moves"]}
+    assert moves == {("silver", "bronze"): "same", ("member", "member"): "same"}
+    assert report["totals"]["tier_changed"] == 0
+    assert report["totals"]["holding_a_tier_the_new_policy_lacks"] == 0
+    assert not any("does not have" in note for note in report["notes"])
+
+
 def test_notes_name_what_the_simulation_cannot_see() -> None:
     longer = as_policy(
         variant(

@@ -329,6 +329,38 @@ def test_a_lowered_bar_ends_the_grace_period_at_the_warning_or_downgrade_without
         assert [t for t in pending_timers(c.s, c.policy) if t.kind == "tier"] == []
 
 
+def test_a_renamed_tier_keeps_its_holders_when_listed_under_formerly() -> None:
+    """gold becomes premium. Listed under `formerly`, its holders are premium from their next
+    evaluation on (a purchase or a timer), with tier_since kept and no notification; not
+    listed, they count as the entry tier and are "upgraded" to premium (the known limit)."""
+
+    def renamed(formerly: list[str]) -> Policy:
+        return policy_with(lambda d: d["tiers"][2].update(name="premium", formerly=formerly))
+
+    c = gold_customer()
+    since = c.s.tier_since
+    c.policy = renamed(["gold"])
+    assert tier_only(c.buy(T0 + 5 * DAY, "10")) == []
+    assert (c.s.tier, c.s.tier_since) == ("premium", since)
+
+    # In a grace period, the rename changes neither it nor when the downgrade is due.
+    c = gold_customer()
+    c.refund(T0 + 10 * DAY, "p1", "300")
+    due = downgrade_due(c.s, POLICY)
+    c.policy = renamed(["gold"])
+    assert downgrade_due(c.s, c.policy) == due
+    notes = c.at(T0 + 365 * DAY)
+    assert kinds(notes) == [(WARN, T0 + 79 * DAY), (DOWN, T0 + 93 * DAY)]
+    assert "Your premium status ends" in notes[0].summary
+    assert notes[1].explanation["previous_tier"] == "premium"
+    assert c.s.tier == "silver"
+
+    c = gold_customer()
+    c.policy = renamed([])
+    notes = tier_only(c.buy(T0 + 5 * DAY, "10"))
+    assert [(n.type, n.explanation["previous_tier"]) for n in notes] == [(UP, "gold")]
+
+
 def test_recovering_after_the_warning_cancels_the_downgrade_and_a_new_episode_warns_again() -> None:
     c = gold_customer()
     c.refund(T0 + 10 * DAY, "p1", "250")
