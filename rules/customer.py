@@ -34,6 +34,12 @@ DAY = 86_400
 # 2: the dedup memory is compact text (Seen); 1 (read, never written) held it as a JSON object.
 STATE_FORMAT = 2
 READABLE_FORMATS = frozenset({1, 2})
+# How far a refund in another currency may miss the rest of its purchase and still return it
+# whole. Each conversion rounds by at most half a cent, so an order refunded in two parts
+# misses by at most a cent. Not more: the rule cannot tell a whole refund from a partial one
+# that leaves less than the slack (the purchase's own currency amount is not kept), and a
+# larger slack would return small orders on their first partial refund.
+CONVERSION_SLACK_CENTS = 1
 
 
 class Stage(StrEnum):
@@ -631,7 +637,20 @@ def _apply_refund(
             ),
         )
     _, purchase_day, purchase_amount, refunded = original
-    if refunded + amount > purchase_amount:
+    counted = amount  # what this refund takes off the purchase (its entry keeps `amount`)
+    remaining = purchase_amount - refunded
+    if (
+        event.currency != policy.base_currency
+        and amount > 0
+        and remaining > 0
+        and abs(remaining - amount) <= CONVERSION_SLACK_CENTS
+    ):
+        # Converted at a rate, the parts of a whole refund are rounded one by one and can miss
+        # the purchase's own converted amount by a cent either way (3.33 + 3.33 + 3.34 USD of
+        # a 10.00 USD order came to 919 of 920 cents): such a refund returns the rest, so the
+        # order is returned (F drops) and nothing is over-refunded. Base currency: exact.
+        counted = remaining
+    if refunded + counted > purchase_amount:
         return Decision(
             current,
             rejection=Rejection(
@@ -644,18 +663,18 @@ def _apply_refund(
     occurred = event.at
     new.seen.add(key, [_REFUND, day, amount, 0])
     new.seen.replace(
-        event_key(event.refund_of), [_PURCHASE, purchase_day, purchase_amount, refunded + amount]
+        event_key(event.refund_of), [_PURCHASE, purchase_day, purchase_amount, refunded + counted]
     )
     new.latest_event_at = max(new.latest_event_at or occurred, occurred)
     # A whole order returned no longer counts as an order (F drops); a partial refund only
     # lowers M. The purchase stays the customer's latest visit for recency.
     # `refunded < purchase_amount`: a zero refund after a full one must not return it twice.
-    whole = refunded < purchase_amount and refunded + amount == purchase_amount
-    new.lifetime_spend -= amount
+    whole = refunded < purchase_amount and refunded + counted == purchase_amount
+    new.lifetime_spend -= counted
     new.lifetime_orders -= 1 if whole else 0
     bucket = new.buckets.get(purchase_day)
     if bucket is not None:
-        new.buckets[purchase_day] = [bucket[0] - (1 if whole else 0), bucket[1] - amount]
+        new.buckets[purchase_day] = [bucket[0] - (1 if whole else 0), bucket[1] - counted]
         new._window = None
     expire(new, policy, now)
     # A refund never downgrades at once: it may start the grace period (tier_changes policy).

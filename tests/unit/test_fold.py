@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from memberflow.settings import default_rules_file
@@ -392,6 +392,55 @@ def test_refund_in_another_currency_is_converted() -> None:
     state = applied(state, refund("r1", "p1", NOW, "10", "USD")).state
     assert state is not None
     assert state.lifetime_spend == 2000 - 920
+
+
+def test_a_whole_order_refunded_in_parts_in_another_currency_is_returned_once() -> None:
+    """Each part is converted and rounded on its own: 3.33 + 3.33 + 3.34 USD of a 10.00 USD
+    order came to 919 of its 920 cents, so F never dropped (and other splits went over the
+    purchase and were dead-lettered). The part that comes within the slack returns the rest."""
+    buy = NOW - 10 * DAY
+    state, _ = fold([purchase("p1", buy, "10", "USD"), purchase("p2", buy, "5")])
+    for event_id, amount in [("r1", "3.33"), ("r2", "3.33"), ("r3", "3.34")]:
+        state = applied(state, refund(event_id, "p1", NOW, amount, "USD")).state
+        assert state is not None
+    assert (state.lifetime_orders, state.lifetime_spend) == (1, 500)
+    assert state.window(NOW, POLICY.window_days) == (1, 500)
+    assert (state.seen.get(event_key("p1")) or [])[3] == 920
+    # Each refund's entry keeps its own converted amount: a redelivery is a duplicate.
+    redelivered = apply(state, refund("r3", "p1", NOW, "3.34", "USD"), POLICY, NOW)
+    assert redelivered.duplicate is True and redelivered.rejection is None
+    # Nothing is left to refund; a base-currency refund is exact (no slack).
+    over = apply(state, refund("r4", "p1", NOW, "0.01", "USD"), POLICY, NOW)
+    assert over.rejection is not None
+    assert over.rejection.reason is RejectReason.REFUND_EXCEEDS_PURCHASE
+    state, _ = fold([purchase("p1", buy, "10")])
+    state = applied(state, refund("r1", "p1", NOW, "9.99")).state
+    assert state is not None and state.lifetime_orders == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    paid=st.decimals(min_value=Decimal("0.10"), max_value=1000, places=2),
+    cut=st.one_of(st.none(), st.decimals(min_value=Decimal("0.01"), max_value=1000, places=2)),
+    currency=st.sampled_from(["USD", "GBP", "CNY"]),
+)
+def test_refunding_a_foreign_order_in_one_or_two_parts_returns_it_whole(
+    paid: Decimal, cut: Decimal | None, currency: str
+) -> None:
+    parts = [paid] if cut is None else [cut, paid - cut]
+    rate = POLICY.currencies[currency]
+    # A part worth less than 2 cents is within the conversion slack of the whole: out of scope.
+    assume(all(part * rate >= Decimal("0.02") for part in parts))
+    state, _ = fold([purchase("p1", NOW - DAY, paid, currency)])
+    for index, part in enumerate(parts):
+        decision = apply(state, refund(f"r{index}", "p1", NOW, part, currency), POLICY, NOW)
+        assert decision.rejection is None, (parts, decision.rejection)
+        assert decision.state is not None
+        state = decision.state
+        returned = index == len(parts) - 1
+        assert state.lifetime_orders == (0 if returned else 1), parts
+    assert (state.lifetime_orders, state.lifetime_spend) == (0, 0)
+    assert state.window(NOW, POLICY.window_days) == (0, 0)
 
 
 def test_refund_of_a_purchase_outside_the_window_changes_lifetime_only() -> None:
