@@ -18,6 +18,13 @@ PositiveMoney = Annotated[
 # Units of the base currency per unit of a currency. Bounded so that the largest event amount
 # (1e12) converts to cents within Decimal's default 28 digits.
 Rate = Annotated[Decimal, Field(gt=0, le=Decimal("1e6"), allow_inf_nan=False)]
+# Day counts: at most a century, so every date they lead to stays printable ("never" as
+# 999999999 days crashed the customer view and, as a grace period, every timer poll).
+Days = Annotated[int, Field(ge=0, le=36_500)]
+PositiveDays = Annotated[int, Field(ge=1, le=36_500)]
+# Keys an event can carry (streams.events): a policy key no event can match is a mistake.
+CurrencyCode = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+Category = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class _Strict(BaseModel):
@@ -40,17 +47,17 @@ class TierRule(_Strict):
 
 
 class InputBounds(_Strict):
-    max_event_age_days: int = Field(730, ge=1)
-    max_future_skew_minutes: int = Field(10, ge=0)
+    max_event_age_days: PositiveDays = 730
+    max_future_skew_minutes: int = Field(10, ge=0, le=525_600)  # at most a year
 
 
 class TierChanges(_Strict):
     """Hysteresis: upgrades at once, downgrades only after a grace period below the tier's
     entry rule and a minimum time in the tier, announced `warning_days` before."""
 
-    grace_days: int = Field(30, ge=0)
-    min_days_in_tier: int = Field(90, ge=0)
-    warning_days: int = Field(14, ge=0)
+    grace_days: Days = 30
+    min_days_in_tier: Days = 90
+    warning_days: Days = 14
     downgrade_to: Literal["one_step", "qualifying"] = "one_step"
 
 
@@ -71,7 +78,7 @@ class Segments(_Strict):
     """How customers are judged against the population (domain.md section 3)."""
 
     method: Literal["mean_split", "score_mean"] = "mean_split"
-    snapshot_interval_minutes: int = Field(60, ge=1)
+    snapshot_interval_minutes: int = Field(60, ge=1, le=525_600)  # at most a year
     grades: dict[str, Grade] = Field(default_factory=lambda: dict(DEFAULT_GRADES))
 
     @model_validator(mode="after")
@@ -88,8 +95,8 @@ class Segments(_Strict):
 class Lifecycle(_Strict):
     """Days without a purchase after which a customer is at risk, then churned."""
 
-    at_risk_after_days: int = Field(60, ge=1)
-    churned_after_days: int = Field(180, ge=1)
+    at_risk_after_days: PositiveDays = 60
+    churned_after_days: PositiveDays = 180
 
     @model_validator(mode="after")
     def _ordered(self) -> Lifecycle:
@@ -124,11 +131,11 @@ class RepurchaseRule(_Strict):
 
 class Repurchase(_Strict):
     min_samples: int = Field(30, ge=1)  # gaps needed before a learned interval is trusted
-    categories: dict[str, RepurchaseRule] = Field(default_factory=dict)
+    categories: dict[Category, RepurchaseRule] = Field(default_factory=dict)
 
 
 class WinBack(_Strict):
-    after_days: int = Field(ge=1)
+    after_days: PositiveDays
     promotion: Promotion
 
 
@@ -149,7 +156,7 @@ class Marketing(_Strict):
 
     timezone: str = "UTC"
     max_messages: int = Field(2, ge=1)  # frequency cap: at most this many ...
-    per_days: int = Field(7, ge=1)  # ... in any window of this many days
+    per_days: PositiveDays = 7  # ... in any window of this many days
     quiet_hours: QuietHours | None = None
 
     @model_validator(mode="after")
@@ -164,7 +171,7 @@ class Marketing(_Strict):
 class Policy(_Strict):
     version: str = Field(min_length=1, max_length=64)
     base_currency: str = Field(pattern=r"^[A-Z]{3}$")
-    currencies: dict[str, Rate]
+    currencies: dict[CurrencyCode, Rate]
     window_days: int = Field(365, ge=1, le=3650)
     input: InputBounds = Field(default_factory=lambda: InputBounds.model_validate({}))
     tiers: tuple[TierRule, ...] = Field(min_length=1)

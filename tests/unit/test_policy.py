@@ -27,6 +27,7 @@ BASE: dict[str, Any] = {
         {"name": "gold", "min_window_spend": "1000", "min_window_orders": 4},
     ],
 }
+PROMOTION = {"description": "20 % off", "discount_percent": "20"}
 
 
 def policy_text(change: Callable[[dict[str, Any]], None] | None = None) -> str:
@@ -207,6 +208,18 @@ def _age_below_window(d: dict[str, Any]) -> None:
             "['silver'] cannot be both a tier and a former name of another tier",
         ),
         (lambda d: d["tiers"][2].update(formerly=["Gold"]), "tiers.2.formerly.0: "),
+        (
+            lambda d: d.update(win_back={"after_days": 999_999_999, "promotion": PROMOTION}),
+            "win_back.after_days: ",
+        ),
+        (lambda d: d.update(tier_changes={"grace_days": 3_000_000}), "tier_changes.grace_days: "),
+        (lambda d: d["currencies"].update(usd="0.92"), "currencies.usd.[key]: "),
+        (
+            lambda d: d.update(
+                repurchase={"categories": {"": {"interval_days": 21, "promotion": PROMOTION}}}
+            ),
+            "repurchase.categories..[key]: String should have at least 1",
+        ),
     ],
     ids=[
         "duplicate-tier",
@@ -236,6 +249,10 @@ def _age_below_window(d: dict[str, Any]) -> None:
         "former-name-twice",
         "former-name-is-a-tier",
         "former-name-case",
+        "days-beyond-a-century",
+        "grace-beyond-a-century",
+        "currency-code-case",
+        "empty-category",
     ],
 )
 def test_invalid_policy_is_a_policy_error_naming_the_problem(
