@@ -20,7 +20,16 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Literal, TypeVar
 
-from redis.exceptions import BusyLoadingError, ClusterDownError, RedisError, TryAgainError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -63,6 +72,20 @@ TRANSIENT = (
     TryAgainError,
     OSError,
 )
+# Redis up but refusing the work until an operator (or a failover) mends it: memory full,
+# a replica or a master without its replicas, writes stopped after a failed save, a script
+# busy past its time limit. Retried with backoff like the transient ones (dying instead
+# made a restart loop whose errors no scrape ever saw), but counted as errors: critical.
+REFUSALS = (OutOfMemoryError, ReadOnlyError, MasterDownError)
+REFUSAL_PREFIXES = ("MISCONF", "NOREPLICAS", "BUSY ")
+
+
+def refused(exc: RedisError) -> bool:
+    return isinstance(exc, REFUSALS) or (
+        isinstance(exc, ResponseError) and str(exc).startswith(REFUSAL_PREFIXES)
+    )
+
+
 MAX_CONFLICT_ROUNDS = 8
 _TIER_DIRECTION = {
     NotificationType.TIER_UPGRADED: "up",
@@ -172,15 +195,19 @@ class Engine:
                 result = await call()
                 self.metrics.redis_seconds.labels(operation).observe(time.perf_counter() - started)
                 return result
-            except TRANSIENT as exc:
-                self.metrics.redis_errors.labels(operation).inc()
+            except TRANSIENT as exc:  # the connection: a warning (MemberflowRedisRetries)
                 self.metrics.redis_retries.labels(operation).inc()
                 log.warning("redis %s failed (%s); retrying in %.2fs", operation, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_backoff_s)
-            except RedisError:  # OOM, READONLY, auth...: counted for the alert, not retried
+            except RedisError as exc:
+                # Counted for the critical MemberflowRedisErrors alert either way. A refusal
+                # waits for Redis to be mended; anything else (auth, a script error) is not
+                # mended by waiting: the batch fails unacked and the worker restarts it.
                 self.metrics.redis_errors.labels(operation).inc()
-                raise
+                if not refused(exc):
+                    raise
+                log.error("redis %s refused (%s); retrying in %.2fs", operation, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_backoff_s)
 
     async def learned_intervals(self) -> dict[str, int]:
         """Median repurchase gaps per learning category, re-read every `learn_refresh_s`."""

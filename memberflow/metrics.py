@@ -50,8 +50,9 @@ class Metrics:
         )
         self.redis_errors = Counter(
             "memberflow_redis_errors_total",
-            "Redis operations that failed: transient errors (then retried) and others (the "
-            "batch fails, unacked, and the worker restarts it).",
+            "Redis operations refused or failed (not connection trouble: see retries): "
+            "OOM, READONLY, MISCONF, BUSY are retried until Redis is mended; others fail the "
+            "batch, unacked, and the worker restarts it.",
             ["operation"],
             registry=r,
         )

@@ -89,3 +89,54 @@ def test_redis_kill_9_and_aof_restart_under_load(
     report.notes.extend(notes)
     report.notes.append(f"total {time.monotonic() - started:.1f}s")
     print(report.summary())
+
+
+def errors(worker: WorkerProcess) -> float:
+    return sum(
+        value
+        for name, value in worker.metrics().items()
+        if name.startswith("memberflow_redis_errors_total")
+    )
+
+
+@pytest.mark.timeout(240)
+def test_redis_refusing_writes_under_load_is_waited_for(
+    tmp_path: Path,
+    broker: LocalBroker,
+    aof_redis: LocalRedis,
+    policy: tuple[Path, dict[str, Any]],
+    make_env: Callable[..., dict[str, str]],
+    make_worker: Callable[..., WorkerProcess],
+) -> None:
+    """Redis up but refusing writes (maxmemory reached: OOM), then mended. The worker must
+    wait, counting errors for the critical alert, and end with exactly the oracle's state; it
+    used to exit at the first refusal (and, supervised, restart into the same refusal)."""
+    import redis
+
+    workload = make_workload(tmp_path, customers=200, days=420, seed=11)
+    env = make_env(MEMBERFLOW_TIMER_LATENESS_S=str(LATENESS_S))
+    worker = make_worker(env)
+    worker.start()
+    pid = worker.pid
+    admin = redis.Redis.from_url(aof_redis.url)
+    try:
+        with feeding(broker.bootstrap, workload.records, 15.0):
+            time.sleep(4.0)
+            used = int(admin.info("memory")["used_memory"])
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", str(used))  # full: the next write is refused
+            time.sleep(4.0)
+            alive([worker])
+            refused = errors(worker)
+            admin.config_set("maxmemory", "0")
+    finally:
+        admin.close()
+    assert refused > 0, "no write was refused: the test did not test anything"
+    tick(env, workload.last_event)
+    settle(broker, aof_redis, len(workload.records) + PARTITIONS, [worker], LATENESS_S)
+    assert worker.pid == pid, "the worker was restarted"
+    report = verify(
+        "redis-refuses", env, broker, aof_redis, workload, policy[1], lateness_s=LATENESS_S
+    )
+    report.notes.append(f"{refused:.0f} refused operations while memory was full")
+    print(report.summary())

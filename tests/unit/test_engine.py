@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 from memberflow.engine import MAX_CONFLICT_ROUNDS, BatchOutcome, ClockMode, Engine, RawMessage
 from memberflow.metrics import Metrics
@@ -576,25 +576,60 @@ def test_transient_store_errors_are_retried() -> None:
         outcome = await engine.process([GOOD_1])
         assert outcome.applied == 1
         assert sample(engine, "memberflow_redis_retries_total", operation="load") == 2
-        assert sample(engine, "memberflow_redis_errors_total", operation="load") == 2
+        assert sample(engine, "memberflow_redis_errors_total", operation="load") is None
         assert (await state_of(store, "c1")).version == 1
 
     asyncio.run(scenario())
 
 
 class RefusingStore(MemoryStore):
-    """A Redis that answers saves with an error no retry mends (maxmemory reached)."""
+    """A Redis that answers the first `refusals` saves with `error`."""
+
+    def __init__(self, error: ResponseError, refusals: int = 1_000_000) -> None:
+        super().__init__()
+        self.error, self.refusals = error, refusals
 
     async def save(self, writes: Sequence[Write]) -> dict[str, int | None]:
-        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+        if self.refusals:
+            self.refusals -= 1
+            raise self.error
+        return await super().save(writes)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'."),
+        ReadOnlyError("You can't write against a read only replica."),
+        ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently"),
+        ResponseError("BUSY Redis is busy running a script."),
+    ],
+    ids=["oom", "readonly", "misconf", "busy"],
+)
+def test_a_redis_that_refuses_is_waited_for_and_counted_as_errors(error: ResponseError) -> None:
+    """Memory full, a replica, writes stopped: the worker waits (nothing acked) until Redis
+    is mended, counted for the critical MemberflowRedisErrors alert. It used to die at once,
+    and under a supervisor restart and die again before any scrape saw the errors."""
+
+    async def scenario() -> None:
+        store = RefusingStore(error, refusals=3)
+        engine = make_engine(store)
+        engine.max_backoff_s = 0.01
+        outcome = await engine.process([GOOD_1])
+        assert outcome.applied == 1
+        assert sample(engine, "memberflow_redis_errors_total", operation="save") == 3
+        assert sample(engine, "memberflow_redis_retries_total", operation="save") is None
+        assert (await state_of(store, "c1")).version == 1
+
+    asyncio.run(scenario())
 
 
 def test_other_store_errors_are_counted_and_fail_the_batch() -> None:
-    """Not retried (the batch fails unacked; the worker restarts it), but counted: the
-    critical MemberflowRedisErrors alert reads memberflow_redis_errors_total."""
+    """Not retried (waiting mends no script error or wrong password: the batch fails unacked
+    and the worker restarts it), but counted for the MemberflowRedisErrors alert."""
 
     async def scenario() -> None:
-        engine = make_engine(RefusingStore())
+        engine = make_engine(RefusingStore(ResponseError("ERR Error running script")))
         with pytest.raises(ResponseError):
             await engine.process([GOOD_1])
         assert sample(engine, "memberflow_redis_errors_total", operation="save") == 1
