@@ -65,6 +65,8 @@ def register(app: faust.App, runtime: Runtime) -> None:
     @app.timer(interval=settings.timer_poll_s)
     async def fire_timers() -> None:
         """Fire due timers of the partitions this worker owns (their customers are ours)."""
+        if runtime.superseded is not None:
+            return  # an old worker in a rolling restart: the new owners fire them
         engine = runtime.engine()
         shards = sorted(
             tp.partition for tp in app.consumer.assignment() if tp.topic == settings.purchases_topic
@@ -101,13 +103,24 @@ def register(app: faust.App, runtime: Runtime) -> None:
     @app.timer(interval=settings.snapshot_check_s)
     async def publish_snapshot() -> None:
         """Publish population thresholds on the policy interval (one worker wins the lock)."""
-        from memberflow.population import adopt_policy, current_snapshot, publish
+        from memberflow.population import (
+            PolicySuperseded,
+            adopt_policy,
+            current_snapshot,
+            publish,
+        )
 
         engine = runtime.engine()
         now = int(time.time())
         interval = runtime.policy.segments.snapshot_interval_minutes * 60
         try:
-            await engine.retry("policy", partial(adopt_policy, engine.store, runtime.policy))
+            try:
+                await engine.retry("policy", partial(adopt_policy, engine.store, runtime.policy))
+            except PolicySuperseded as exc:
+                if runtime.superseded is None:
+                    log.error("%s; this worker fires no timers until restarted with it", exc)
+                runtime.superseded = str(exc)
+                return
             latest = await engine.retry("snapshot", partial(current_snapshot, engine.store))
             if latest is None or now - latest.published_at >= interval:
                 await engine.retry("publish", partial(publish, engine.store, runtime.policy, now))

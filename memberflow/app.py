@@ -52,6 +52,10 @@ class Runtime:
     _engine: Engine | None = None
     _lock: asyncio.Lock | None = None
     last_event_batch: float = -1e9  # monotonic time the last event batch ended (never)
+    # Why this worker's policy no longer counts (another version was adopted since), or None.
+    # Such a worker still applies events (by its old policy, until it is restarted) but fires
+    # no timers and publishes no snapshot: those wait for workers on the adopted version.
+    superseded: str | None = None
 
     def events_flowing(self) -> bool:
         """True while event batches keep coming (one ended within the last half second)."""

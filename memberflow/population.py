@@ -132,13 +132,27 @@ async def _wake_all(store: Store, pages: AsyncIterator[list[tuple[str, int]]]) -
     return woken
 
 
+class PolicySuperseded(Exception):
+    """This worker's policy version was adopted once and then replaced by another."""
+
+
 async def adopt_policy(store: Store, policy: Policy, lock_ttl_s: int = 30) -> int | None:
     """When workers start with a policy version other than the one the stored labels were
     computed with, wake every customer: each is re-evaluated under the new policy through the
     timer path (tiers, segments, grades), with notifications for real changes only. Returns how
-    many were woken, or None when nothing had to be done (or another worker is doing it)."""
+    many were woken, or None when nothing had to be done (or another worker is doing it).
+
+    Raises PolicySuperseded when this version was replaced by a newer adoption: during a
+    rolling restart the old workers must not adopt their version back (every worker checks
+    periodically: old and new ones woke the whole shop in turns, and a customer whose last
+    wake an old worker handled stayed judged by the old policy)."""
     if await store.policy_version() == policy.version:
         return None
+    if await store.policy_superseded(policy.version):
+        raise PolicySuperseded(
+            f"policy version {policy.version!r} was superseded by "
+            f"{await store.policy_version()!r}; to roll back, give the old rules a new version"
+        )
     if not await store.try_lock(lock_ttl_s):
         return None
     try:

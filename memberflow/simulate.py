@@ -52,10 +52,11 @@ Applying a new policy (the decision; there is no apply command): check it with
 `memberflow rules check FILE`, give it a new `version:` (the re-evaluation below is keyed on
 it), look at this what-if, then restart the workers with MEMBERFLOW_RULES_FILE pointing to
 FILE (a worker refuses to start with a bad file). The first worker that starts with a policy
-version other than the one recorded in Redis wakes every customer, and each is re-evaluated
-under the new policy through the timer path: upgrades at once, a raised bar starts the grace
-period (the downgrade follows after grace_days and min_days_in_tier, with its warning),
-segments and grades relabelled. While old and new workers run side by side, the partitions
+version other than the one recorded in Redis wakes every customer (the old version is then
+superseded: workers still on it fire no timers and never adopt it back; roll back under a new
+version), and each is re-evaluated under the new policy through the timer path: upgrades at
+once, a raised bar starts the grace period (the downgrade follows after grace_days and
+min_days_in_tier, with its warning), segments and grades relabelled. While old and new workers run side by side, the partitions
 still on old workers are judged by the old policy."""
 
 

@@ -69,3 +69,9 @@ def policy_version() -> str:
     """The policy version the stored labels were computed with; a worker starting with another
     version wakes every customer to be re-evaluated under it."""
     return f"{PREFIX}:{{policy}}:version"
+
+
+def policy_superseded() -> str:
+    """Policy versions once adopted and then replaced: workers still running one of them are
+    old ones, which neither adopt it again nor fire timers."""
+    return f"{PREFIX}:{{policy}}:superseded"

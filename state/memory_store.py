@@ -19,6 +19,7 @@ class MemoryStore:
         self.contributions: dict[str, Contribution] = {}
         self._snapshot: tuple[int, str] | None = None
         self._policy_version: str | None = None
+        self._superseded: set[str] = set()
 
     async def load(self, customer_ids: Sequence[str]) -> dict[str, Stored]:
         out = {}
@@ -167,7 +168,13 @@ class MemoryStore:
         return self._policy_version
 
     async def set_policy_version(self, version: str) -> None:
+        if self._policy_version is not None and self._policy_version != version:
+            self._superseded.add(self._policy_version)
+        self._superseded.discard(version)
         self._policy_version = version
+
+    async def policy_superseded(self, version: str) -> bool:
+        return version in self._superseded
 
     async def all_customers(self) -> AsyncIterator[list[tuple[str, int]]]:
         found = sorted((c.customer_id, c.partition) for c in self.contributions.values())

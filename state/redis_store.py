@@ -766,7 +766,16 @@ class RedisStore:
         return raw.decode() if isinstance(raw, bytes) else raw
 
     async def set_policy_version(self, version: str) -> None:
+        # Superseded first: a crash before the SET leaves the old version stored and already
+        # superseded, and the next adoption (of this same version) completes it.
+        previous = await self.policy_version()
+        if previous is not None and previous != version:
+            await self.client.sadd(keys.policy_superseded(), previous)
+        await self.client.srem(keys.policy_superseded(), version)
         await self.client.set(keys.policy_version(), version)
+
+    async def policy_superseded(self, version: str) -> bool:
+        return bool(await self.client.sismember(keys.policy_superseded(), version))
 
     async def all_customers(self) -> AsyncIterator[list[tuple[str, int]]]:
         for shard in range(self.stats_shards):

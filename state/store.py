@@ -172,7 +172,15 @@ class Store(Protocol):
 
     async def policy_version(self) -> str | None: ...
 
-    async def set_policy_version(self, version: str) -> None: ...
+    async def set_policy_version(self, version: str) -> None:
+        """Record `version` as the one the labels are computed with; the version it replaces
+        is recorded as superseded (policy_superseded)."""
+        ...
+
+    async def policy_superseded(self, version: str) -> bool:
+        """Whether `version` was once adopted and then replaced: a worker still running it is
+        an old one (a rolling restart in progress, or a rollback under an old version)."""
+        ...
 
     def all_customers(self) -> AsyncIterator[list[tuple[str, int]]]:
         """(customer, partition) of every customer in the population statistics, in pages.

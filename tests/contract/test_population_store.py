@@ -18,8 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memberflow.population import compute_snapshot
+from memberflow.population import PolicySuperseded, adopt_policy, compute_snapshot
 from memberflow.services import LocalRedis
+from memberflow.settings import default_rules_file
+from rules.policy import Policy, parse_policy
 from rules.segments import Values, batch_snapshot
 from state import redis_store
 from state.memory_store import MemoryStore
@@ -27,6 +29,7 @@ from state.redis_store import RedisStore, connect, stats_shard
 from state.store import Contribution, GapSample, Store, TimerEntry, Write
 
 SHARDS = 5
+POLICY_TEXT = default_rules_file().read_text(encoding="utf-8")
 StoreFactory = Callable[[], Store]
 Body = Callable[[Store], Awaitable[None]]
 
@@ -268,6 +271,39 @@ def test_publish_snapshot_only_moves_forward(make_store: StoreFactory) -> None:
         assert (await store.snapshot(), await store.snapshot_version()) == (document(3), 3)
         assert await store.publish_snapshot(4, document(4)) is True
         assert await store.snapshot_version() == 4
+
+    run(make_store, body)
+
+
+def test_a_policy_version_replaced_is_superseded_and_never_adopted_back(
+    make_store: StoreFactory,
+) -> None:
+    """A rolling restart: old workers (v1) and new ones (v2) check the stored version in
+    turns. v2 adopted, v1 is superseded: an old worker neither adopts it back nor wakes the
+    shop again (they used to take turns, every check)."""
+
+    def policy(version: str) -> Policy:
+        return parse_policy(POLICY_TEXT.replace('version: "2026.11-1"', f'version: "{version}"'))
+
+    async def body(store: Store) -> None:
+        await store.contribute([contribution("a", 1), contribution("b", 1, partition=1)])
+        assert await adopt_policy(store, policy("v1")) == 2
+        assert await store.policy_superseded("v1") is False
+        assert await adopt_policy(store, policy("v1")) is None
+        settled = {"a": TimerEntry(0, 5_000), "b": TimerEntry(1, 9_000)}
+        await store.confirm({}, settled)  # the wake-ups handled: exact entries again
+        assert await adopt_policy(store, policy("v2")) == 2
+        assert await store.policy_version() == "v2"
+        assert await store.policy_superseded("v1") is True
+        assert await store.policy_superseded("v2") is False
+        await store.confirm({}, settled)
+        with pytest.raises(PolicySuperseded, match="'v1' was superseded by 'v2'"):
+            await adopt_policy(store, policy("v1"))
+        assert await store.policy_version() == "v2"
+        assert [await store.due(shard, 0, 10) for shard in (0, 1)] == [[], []]  # no wake
+        assert await adopt_policy(store, policy("v2")) is None
+        assert await adopt_policy(store, policy("v3")) == 2
+        assert [await store.policy_superseded(v) for v in ("v1", "v2", "v3")] == [1, 1, 0]
 
     run(make_store, body)
 
