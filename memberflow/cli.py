@@ -5,18 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import stat
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from pydantic import ValidationError
 
 from memberflow.policy_file import load_policy
 from memberflow.settings import Settings
-from rules.customer import epoch, summarize
+from memberflow.views import TimeOutOfRange, parse_time
+from rules.customer import summarize
 from rules.policy import Policy, PolicyError
 from rules.timeline import learned_interval
 
@@ -48,12 +53,11 @@ def _policy(settings: Settings) -> Policy:
 
 def _parse_time(text: str) -> int:
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_time(text)
+    except TimeOutOfRange as exc:
+        raise CliError(f"time {exc}") from exc
     except ValueError as exc:
         raise CliError(f"not an ISO 8601 time: {text!r}") from exc
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return epoch(moment)
 
 
 # -- worker ---------------------------------------------------------------------------------
@@ -145,6 +149,8 @@ def cmd_customer(args: argparse.Namespace) -> int:
         customer_id = check_customer_id(args.customer_id)
     except InvalidCustomerId as exc:
         raise CliError(str(exc)) from exc
+    if args.as_of:
+        _parse_time(args.as_of)  # a bad time is refused before Redis is read
 
     async def work(store: Any) -> dict[str, Any] | None:
         as_of = await _as_of(store, settings, args.as_of)
@@ -159,12 +165,66 @@ def cmd_customer(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _replacing(path: str) -> Iterator[TextIO]:
+    """A text file that takes the place of `path` only once the block completes: on any
+    failure the previous file stays as it was and the partial output is removed. An unusable
+    path is a CliError before the block runs."""
+    try:
+        info: os.stat_result | None = os.stat(path)  # through symlinks, as open() would
+    except FileNotFoundError:
+        info = None  # a new file (a missing directory fails at mkstemp below)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror}") from exc
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        raise CliError(f"cannot write {path}: Is a directory")
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        # /dev/null, /dev/stdout, a FIFO: nothing to keep, and no file to put in their place
+        try:
+            direct = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed by the with below)
+        except OSError as exc:
+            raise CliError(f"cannot write {path}: {exc.strerror}") from exc
+        with direct:
+            yield direct
+        return
+    if info is not None:
+        if not os.access(path, os.W_OK):  # refused as open() would, not silently replaced
+            raise CliError(f"cannot write {path}: Permission denied")
+        mode = stat.S_IMODE(info.st_mode)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask  # what open() gives a new file
+    # Through a symlink the link stays and its target is replaced, as open() would write there;
+    # the temporary file sits next to that target so that os.replace is an atomic rename.
+    target = os.path.realpath(path)
+    try:
+        fd, temp = tempfile.mkstemp(
+            dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.", suffix=".tmp"
+        )
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(fd, mode)  # mkstemp makes it 0600
+            yield out
+        try:
+            os.replace(temp, target)
+        except OSError as exc:
+            raise CliError(f"cannot write {path}: {exc.strerror}") from exc
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     settings = _settings()
     policy = _policy(settings)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    if args.as_of:
+        _parse_time(args.as_of)  # a bad time is refused before Redis is read
 
-    async def work(store: Any) -> int:
+    async def export(store: Any, out: TextIO) -> int:
         as_of = await _as_of(store, settings, args.as_of)
         count = 0
         async for stored in store.scan():
@@ -174,11 +234,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                 count += 1
         return count
 
-    try:
-        count = asyncio.run(_with_store(settings, work))
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    if args.output:
+        with _replacing(args.output) as out:
+            count = asyncio.run(_with_store(settings, lambda store: export(store, out)))
+    else:
+        count = asyncio.run(_with_store(settings, lambda store: export(store, sys.stdout)))
     print(f"exported {count} customers", file=sys.stderr)
     return 0
 

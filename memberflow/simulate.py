@@ -56,8 +56,8 @@ version other than the one recorded in Redis wakes every customer (the old versi
 superseded: workers still on it fire no timers and never adopt it back; roll back under a new
 version), and each is re-evaluated under the new policy through the timer path: upgrades at
 once, a raised bar starts the grace period (the downgrade follows after grace_days and
-min_days_in_tier, with its warning), segments and grades relabelled. While old and new workers run side by side, the partitions
-still on old workers are judged by the old policy."""
+min_days_in_tier, with its warning), segments and grades relabelled. While old and new workers
+run side by side, the partitions still on old workers are judged by the old policy."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,13 +6,22 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from memberflow.metrics import CUSTOMER_DIMENSIONS
 from memberflow.population import current_snapshot
-from rules.customer import CustomerState, Stage, downgrade_due, iso, qualifying_tier, summarize
+from rules.customer import (
+    CustomerState,
+    Stage,
+    downgrade_due,
+    epoch,
+    iso,
+    qualifying_tier,
+    summarize,
+)
 from rules.money import format_minor, minor
 from rules.names import RFM_TYPES, TYPE_NAMES
 from rules.policy import Policy
@@ -20,6 +29,33 @@ from rules.segments import Snapshot, classify, customer_values
 from rules.timeline import describe_pending, learned_interval
 from state.store import Store
 from streams.events import Identifier
+
+# The times a user may evaluate at or tick to (--as-of, `tick TIME`, and the worker's ?as_of=,
+# which parses with parse_time too). Nothing happened before the Unix epoch: an as_of there
+# only gives negative recency_days. The end of 9998 stays a year short of the last moment a
+# datetime holds (9999-12-31 UTC): the views print as_of, and a time like
+# 9999-12-31T23:59:59-14:00 (year 10000 in UTC) crashed them.
+EARLIEST_TIME = 0  # 1970-01-01T00:00:00Z
+LATEST_TIME = epoch(datetime(9998, 12, 31, 23, 59, 59, tzinfo=UTC))
+
+
+class TimeOutOfRange(ValueError):
+    """An ISO 8601 time outside EARLIEST_TIME..LATEST_TIME."""
+
+
+def parse_time(text: str) -> int:
+    """An ISO 8601 time (a bare date or naive time means UTC) as epoch seconds. ValueError if
+    it is not one, TimeOutOfRange (a ValueError) if it is outside the supported range."""
+    moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    # Compared unrounded: epoch() truncates toward zero, which would let 1969-12-31T23:59:59.5Z in.
+    if not EARLIEST_TIME <= moment.timestamp() <= LATEST_TIME:
+        raise TimeOutOfRange(
+            f"{text!r} is outside the supported range {iso(EARLIEST_TIME)} to {iso(LATEST_TIME)}"
+        )
+    return epoch(moment)
+
 
 DIMENSIONS = CUSTOMER_DIMENSIONS  # the label prefixes of Store.distribution()
 

@@ -47,14 +47,15 @@ from memberflow.population import current_snapshot
 from memberflow.settings import Settings
 from memberflow.views import (
     InvalidCustomerId,
+    TimeOutOfRange,
     check_customer_id,
     customer_view,
     default_as_of,
     group_distribution,
     known_labels,
+    parse_time,
     segment_names,
 )
-from rules.customer import epoch
 from rules.policy import Policy
 from state.store import Store
 from streams.events import Notification
@@ -135,7 +136,11 @@ def authorized(
         presented = query_token
     if not presented:
         return False
-    return hmac.compare_digest(presented.encode(), token.encode())
+    # aiohttp decodes header bytes that are not UTF-8 to lone surrogates; "surrogatepass"
+    # encodes any str (one to one), so such a header is a wrong token, not a UnicodeEncodeError.
+    return hmac.compare_digest(
+        presented.encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass")
+    )
 
 
 # -- per-process state --------------------------------------------------------------------------
@@ -200,14 +205,6 @@ def _unavailable(exc: BaseException) -> Reply:
     return error(503, "redis_unavailable", f"Redis did not answer: {detail}")
 
 
-def parse_as_of(text: str) -> int:
-    """An ISO 8601 time (a bare date or naive time means UTC) as epoch seconds."""
-    moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return epoch(moment)
-
-
 async def customer_reply(
     store: Store,
     policy: Policy,
@@ -223,7 +220,9 @@ async def customer_reply(
     as_of: int | None = None
     if as_of_text:
         try:
-            as_of = parse_as_of(as_of_text)
+            as_of = parse_time(as_of_text)  # the CLI's parser: the same format and range
+        except TimeOutOfRange as exc:
+            return error(400, "invalid_as_of", f"as_of {exc}")
         except ValueError:
             return error(400, "invalid_as_of", f"as_of is not an ISO 8601 time: {as_of_text!r}")
     try:

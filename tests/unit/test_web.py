@@ -186,6 +186,59 @@ def test_without_a_token_everything_is_open() -> None:
     assert authorized("/", "Bearer whatever", None, None)
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Bearer s3cr\udcff\udcfet",  # how aiohttp decodes the bytes s3cr\xff\xfet
+        f"Bearer {TOKEN}\udcff",
+        "Bearer \ud800",
+        "Bearer s3cr\u00e9t",  # valid UTF-8, not ASCII
+    ],
+)
+def test_a_token_that_is_not_ascii_is_a_wrong_token(header: str) -> None:
+    assert authorized("/metrics", header, None, TOKEN) is False
+    assert authorized("/", None, header.removeprefix("Bearer "), TOKEN) is False
+
+
+def test_a_non_ascii_configured_token_still_matches() -> None:
+    assert authorized("/metrics", "Bearer s3cr\u00e9t", None, "s3cr\u00e9t") is True
+
+
+def test_a_raw_authorization_header_that_is_not_utf8_gets_401() -> None:
+    """Over a socket, as a client sends it: the middleware answers 401, not 500."""
+    from aiohttp import web as aioweb
+    from aiohttp.test_utils import TestServer
+
+    async def metrics(request: aioweb.Request) -> aioweb.Response:
+        return aioweb.Response(text="memberflow_up 1\n")
+
+    async def get(header: bytes) -> bytes:
+        app = aioweb.Application(middlewares=[web.auth_middleware(TOKEN)])
+        app.router.add_get("/metrics", metrics)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(
+                b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+                + header
+                + b"\r\n\r\n"
+            )
+            await writer.drain()
+            response = await reader.read()
+            writer.close()
+            await writer.wait_closed()
+            return response
+        finally:
+            await server.close()
+
+    denied = run(get(b"Authorization: Bearer s3cr\xff\xfet"))
+    assert denied.startswith(b"HTTP/1.1 401 "), denied[:200]
+    assert b'"error": "unauthorized"' in denied
+    allowed = run(get(b"Authorization: Bearer " + TOKEN.encode()))
+    assert allowed.startswith(b"HTTP/1.1 200 ") and allowed.endswith(b"memberflow_up 1\n")
+
+
 # -- customer ids ----------------------------------------------------------------------------
 
 
@@ -250,6 +303,46 @@ def test_customer_reply_statuses() -> None:
     later = reply("gold-1", "2027-06-02")
     assert later.status == 200 and (later.body["frequency"], later.body["tier"]) == (0, "gold")
     assert later.body["explanation"]["tier"]["qualifies_for"] == "member"
+
+
+@pytest.mark.parametrize(
+    "as_of",
+    [
+        "9999-12-31T23:59:59-14:00",  # year 10000 in UTC
+        "0001-01-01T00:00:00+14:00",  # year 0 in UTC
+        "1900-01-01",  # before the Unix epoch: negative recency
+        "1969-12-31T23:59:59.5Z",
+        "9999-01-01",
+    ],
+)
+def test_customer_reply_refuses_times_out_of_range(as_of: str) -> None:
+    store = run(populated())
+    refused = run(customer_reply(store, POLICY, "wall", "gold-1", as_of, WALL))
+    assert refused.status == 400
+    assert refused.body == {
+        "error": "invalid_as_of",
+        "detail": f"as_of {as_of!r} is outside the supported range 1970-01-01T00:00:00Z to "
+        "9998-12-31T23:59:59Z",
+    }
+
+
+@pytest.mark.parametrize(
+    "as_of", ["1970-01-01T00:00:00Z", "1970-01-01", "9998-12-31T23:59:59Z", "9998-12-31"]
+)
+def test_customer_reply_takes_the_bounds_themselves(as_of: str) -> None:
+    store = run(populated())
+    found = run(customer_reply(store, POLICY, "wall", "gold-1", as_of, WALL))
+    assert found.status == 200, found.body
+
+
+def test_customer_reply_keeps_the_detail_of_an_unparsable_time() -> None:
+    store = run(populated())
+    bad = run(customer_reply(store, POLICY, "wall", "gold-1", "yesterday", WALL))
+    assert bad.status == 400
+    assert bad.body == {
+        "error": "invalid_as_of",
+        "detail": "as_of is not an ISO 8601 time: 'yesterday'",
+    }
 
 
 def test_customer_reply_uses_the_event_clock_in_event_mode() -> None:
