@@ -49,18 +49,35 @@ def register(app: faust.App, runtime: Runtime) -> None:
     from memberflow.app import Producing, settle_heap  # the app imports the agents, not back
 
     positions: dict[faust.types.TP, int] = {}  # last processed offset per partition
+    reported: set[int] = set()  # partitions whose lag this worker exports
     producing = Producing(app, runtime, fatal=_die)
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:
         # From the consumer's own high-water marks: no broker round trip per scrape.
-        for tp in app.consumer.assignment():
-            if tp.topic != settings.purchases_topic or tp not in positions:
-                continue  # nothing processed here yet: no position to measure from
+        owned = {tp for tp in app.consumer.assignment() if tp.topic == settings.purchases_topic}
+        for tp in owned:
             highwater = app.consumer.highwater(tp)
-            if highwater is not None:
-                lag = max(0, highwater - positions[tp] - 1)
-                runtime.metrics.consumer_lag.labels(str(tp.partition)).set(lag)
+            if highwater is None:
+                continue
+            if tp in positions:
+                lag = highwater - positions[tp] - 1
+            else:
+                # Nothing processed here yet (a worker stuck on its first batch must show its
+                # lag too): from the committed offset Faust read when the partition came.
+                committed = getattr(app.consumer, "_committed_offset", {}).get(tp)
+                if committed is None:
+                    continue
+                lag = highwater - committed
+            runtime.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, lag))
+            reported.add(tp.partition)
+        # A partition this worker lost is the new owner's to report: its last figure here
+        # would stay exported forever (the lag alert takes the max over workers).
+        for tp in [tp for tp in positions if tp not in owned]:
+            del positions[tp]
+        for partition in reported - {tp.partition for tp in owned}:
+            runtime.metrics.consumer_lag.remove(str(partition))
+            reported.discard(partition)
 
     @app.timer(interval=settings.timer_poll_s)
     async def fire_timers() -> None:

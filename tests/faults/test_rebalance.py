@@ -110,6 +110,21 @@ def test_worker_killed_then_partitions_taken_over_then_third_joins(
     )
     seen = {w.name: w.events_seen() for w in survivors}
     assert seen["third"] > 0, "the third worker never processed anything"
+
+    # Each survivor exports the lag of the partitions it owns, and only those: the second
+    # owned all of them before the third joined, and the figures of the ones it lost stayed
+    # exported (the lag alert takes the max over workers). Reported every 5 s.
+    def lag_partitions(worker: WorkerProcess) -> set[int]:
+        prefix = 'memberflow_consumer_lag_events{partition="'
+        return {
+            int(k[len(prefix) :].split('"')[0]) for k in worker.metrics() if k.startswith(prefix)
+        }
+
+    wait_for(
+        "each survivor to report the lag of its own partitions only",
+        lambda: all(lag_partitions(w) == assigned_partitions(w) for w in survivors),
+        timeout=15,
+    )
     report.notes.extend(notes)
     report.notes.append(
         f"events finished per survivor: {seen}; total {time.monotonic() - started:.1f}s"
