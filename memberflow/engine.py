@@ -555,10 +555,11 @@ class Engine:
                 cause = Cause(kind="snapshot", id=f"{version}/{self.policy.version}")
             # A woken customer is re-evaluated whole: a new policy may move its tier too
             # (upgrades at once; a raised bar starts the grace period).
-            before = (f.state.tier, f.state.below_since)
+            before = (f.state.tier, f.state.below_since, f.state.policy_version)
+            f.state.policy_version = self.policy.version  # evaluated under it from now on
             tier_notes = evaluate_tier(f.state, self.policy, until, cause)
             notes, relabelled = reclassify(f.state, self.policy, snapshot, until, cause)
-            retiered = (f.state.tier, f.state.below_since) != before
+            retiered = (f.state.tier, f.state.below_since, f.state.policy_version) != before
             self._prepare_write(
                 f,
                 [*moved.notifications, *tier_notes, *notes],

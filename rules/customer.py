@@ -258,6 +258,9 @@ class CustomerState:
     segment: list[Any] | None = None
     below_since: int | None = None  # since when the customer misses its tier's entry rule
     warned_for: int | None = None  # the below_since episode whose downgrade warning went out
+    # The policy version this state was last evaluated under (None: before it was recorded).
+    # Another one means a new policy: timers it makes overdue fire now, not back-dated.
+    policy_version: str | None = None
     # window() of the current buckets: (day, window_days, orders, spend). Asked for about four
     # times per event (tier, segment, statistics, timers) on the same buckets; every change to
     # the buckets clears it. Not stored, not compared.
@@ -286,6 +289,7 @@ class CustomerState:
             below_since=self.below_since,
             warned_for=self.warned_for,
             segment=self.segment,  # replaced whole by reclassify()
+            policy_version=self.policy_version,
         )
 
     def window(self, now: int, window_days: int) -> tuple[int, int]:
@@ -332,6 +336,7 @@ class CustomerState:
             ("bs", self.below_since),
             ("sg", self.segment),
             ("wf", self.warned_for),
+            ("pv", self.policy_version),
         ):
             if value is not None and value != {} and value != [] and value != "":
                 doc[name] = value
@@ -367,6 +372,7 @@ class CustomerState:
             below_since=get("bs"),
             segment=get("sg"),
             warned_for=get("wf"),
+            policy_version=get("pv"),
         )
 
 
@@ -461,6 +467,7 @@ def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: i
         return _apply_refund(current, event, key, day, amount, policy, now)
 
     new = current.copy()
+    new.policy_version = policy.version
     previous_last = new.last_purchase_at
     new.seen.add(key, [_PURCHASE, day, amount, 0])
     new.first_purchase_at = (
@@ -660,6 +667,7 @@ def _apply_refund(
             ),
         )
     new = current.copy()
+    new.policy_version = policy.version
     occurred = event.at
     new.seen.add(key, [_REFUND, day, amount, 0])
     new.seen.replace(

@@ -225,6 +225,11 @@ def advance(
     notifications: list[Notification] = []
     effects: list[tuple[str, str]] = []
     fired: list[Timer] = []
+    # Evaluated under another policy version before: what the new policy makes overdue (a
+    # shorter window, grace or lifecycle) happens now. Fired at their past due times instead,
+    # a shorter window started a grace period months ago, warned and downgraded at once, with
+    # back-dated notifications. (An unknown version, None, is taken to be this one.)
+    not_before = now if state.policy_version not in (None, policy.version) else None
     for _ in range(MAX_FIRINGS):
         specs = _specs(current or state, policy, learned)
         first = min(specs) if specs else None
@@ -232,7 +237,10 @@ def advance(
             break
         if current is None:
             current = state.copy()
+            current.policy_version = policy.version
         timer = _timer(first)
+        if not_before is not None and timer.due < not_before:
+            timer = Timer(timer.kind, timer.key, not_before, timer.reason, timer.anchor)
         fired.append(timer)
         outcome, notification = _fire(current, timer, policy, learned, sends_from)
         effects.append((timer.kind, outcome))

@@ -1047,6 +1047,15 @@ def test_refunds_never_exceed_the_purchase_and_return_the_order_once(
     )
 
 
+def test_a_state_records_the_policy_version_it_was_evaluated_under() -> None:
+    state, _ = fold([purchase("p1", NOW - DAY, "10")])
+    assert state.policy_version == POLICY.version
+    assert json.loads(state.to_json())["pv"] == POLICY.version
+    assert CustomerState.from_json(state.to_json()) == state
+    refunded = applied(state, refund("r1", "p1", NOW, "1")).state
+    assert refunded is not None and refunded.policy_version == POLICY.version
+
+
 def test_state_json_leaves_out_what_is_empty() -> None:
     """Redis holds this text per customer: a field that is None or empty takes no bytes, and a
     document without it reads back as the same state."""

@@ -361,6 +361,37 @@ def test_a_renamed_tier_keeps_its_holders_when_listed_under_formerly() -> None:
     assert [(n.type, n.explanation["previous_tier"]) for n in notes] == [(UP, "gold")]
 
 
+def test_a_new_policy_that_makes_timers_overdue_fires_them_now_not_back_dated() -> None:
+    """A shorter window adopted on day 300: the purchases of days 0-3 left the new 180-day
+    window on days 180-183. The customer falls below gold now, and its grace period starts
+    now: it used to start on day 180, with the warning and the downgrade sent at once,
+    dated months back."""
+    c = gold_customer()
+    c.policy = policy_with(lambda d: d.update(window_days=180, version="2026.12-1"))
+    assert c.at(T0 + 300 * DAY) == []
+    assert (c.s.tier, c.s.below_since, c.s.policy_version) == ("gold", T0 + 300 * DAY, "2026.12-1")
+    assert kinds(c.at(T0 + 400 * DAY)) == [(WARN, T0 + 316 * DAY), (DOWN, T0 + 330 * DAY)]
+
+    # A grace period shortened under a customer already warned: the downgrade the new rule
+    # puts in the past goes out when the policy is adopted, not on its past date.
+    c = gold_customer()
+    c.refund(T0 + 10 * DAY, "p1", "300")
+    assert kinds(c.at(T0 + 85 * DAY)) == [(WARN, T0 + 79 * DAY)]
+    c.policy = policy_with(
+        lambda d: (
+            d["tier_changes"].update(grace_days=7, min_days_in_tier=7),
+            d.update(version="2026.12-1"),
+        )
+    )
+    assert kinds(c.at(T0 + 86 * DAY)) == [(DOWN, T0 + 86 * DAY)]
+
+    # The same policy version: timers fire at their own due times, as a batch computation
+    # over the events would (event clock exactness).
+    c = gold_customer()
+    c.refund(T0 + 10 * DAY, "p1", "300")
+    assert kinds(c.at(T0 + 200 * DAY)) == [(WARN, T0 + 79 * DAY), (DOWN, T0 + 93 * DAY)]
+
+
 def test_recovering_after_the_warning_cancels_the_downgrade_and_a_new_episode_warns_again() -> None:
     c = gold_customer()
     c.refund(T0 + 10 * DAY, "p1", "250")
