@@ -433,8 +433,11 @@ class Engine:
         # f.fired and f.effects are one entry per firing (advance()). A message deferred for
         # quiet hours was woken at their end on purpose (wake_at): its lateness is its send's,
         # which fires in the same pass and is measured from the end of the quiet hours.
+        # Wall clock mode only: in event mode the clock is event time, which a replay moves by
+        # days between two polls, so "late" would measure the replay's speed (the
+        # MemberflowTimersLate alert fired on every replay); the lag alerts cover a stuck worker.
         for timer, (_, result) in zip(f.fired, f.effects, strict=False):
-            if result != "deferred_quiet_hours":
+            if result != "deferred_quiet_hours" and self.clock_mode == "wall":
                 self.metrics.timer_lateness.observe(max(0, f.fired_at - timer.due))
         if f.state is not None:
             # Also for folds that wrote nothing (all duplicates): repairs the index and the

@@ -99,7 +99,7 @@ class Metrics:
         )
         self.timer_lateness = Histogram(
             "memberflow_timer_lateness_seconds",
-            "How long after its due time a timer fired (clock of its partition in event mode).",
+            "How long after its due time a timer fired (wall clock mode only).",
             buckets=(0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 86400),
             registry=r,
         )
