@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import uuid
 import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
@@ -38,6 +39,12 @@ BULK_SLICE = 500
 
 # KEYS[1] customer hash; ARGV[1] expected version; ARGV[2] state JSON; ARGV[3] outbox JSON or '';
 # ARGV[4] pending gap samples JSON or ''.
+# The snapshot/policy lock is deleted only by its holder (KEYS[1] lock, ARGV[1] its token).
+UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 SAVE_LUA = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if current ~= tonumber(ARGV[1]) then return -1 end
@@ -338,6 +345,7 @@ class RedisStore:
         # one plain pipeline per node (keys grouped by the node owning their slot).
         self.cluster = isinstance(client, RedisCluster)
         self._nodes: dict[str, Redis] = {}
+        self._lock_token: str | None = None
 
     async def _script_sha(self, body: str) -> str:
         sha = self._shas.get(body)
@@ -759,7 +767,13 @@ class RedisStore:
         ]
 
     async def try_lock(self, ttl_s: int) -> bool:
-        return bool(await self.client.set(keys.snapshot_lock(), "1", nx=True, ex=ttl_s))
+        # A token of this holder: work that outlives the TTL must not, at its end, delete the
+        # lock another worker has taken since (unlock compares it).
+        token = uuid.uuid4().hex
+        if await self.client.set(keys.snapshot_lock(), token, nx=True, ex=ttl_s):
+            self._lock_token = token
+            return True
+        return False
 
     async def policy_version(self) -> str | None:
         raw = await self.client.get(keys.policy_version())
@@ -791,7 +805,9 @@ class RedisStore:
                 yield page
 
     async def unlock(self) -> None:
-        await self.client.delete(keys.snapshot_lock())
+        token, self._lock_token = self._lock_token, None
+        if token is not None:
+            await self.client.eval(UNLOCK_LUA, 1, keys.snapshot_lock(), token)
 
     async def wake(self, entries: Sequence[tuple[str, int]]) -> None:
         """Put customers at the front of their partition's timer index (score 0), so the

@@ -308,6 +308,27 @@ def test_a_policy_version_replaced_is_superseded_and_never_adopted_back(
     run(make_store, body)
 
 
+def test_a_lock_is_released_only_by_its_holder(make_store: StoreFactory) -> None:
+    """A holder whose work outlived the lock's TTL must not, when it finishes, delete the lock
+    another worker took since (it used to DEL whatever was there)."""
+
+    async def body(store: Store) -> None:
+        if not isinstance(store, RedisStore):
+            pytest.skip("one process: MemoryStore excludes nothing")
+        other = RedisStore(store.client, stats_shards=SHARDS)
+        assert await store.try_lock(1)
+        assert not await other.try_lock(30)
+        await asyncio.sleep(1.2)  # the TTL runs out while the first holder still works
+        assert await other.try_lock(30)
+        await store.unlock()  # late: not its lock any more
+        assert not await store.try_lock(30)
+        await other.unlock()
+        assert await store.try_lock(30)
+        await store.unlock()
+
+    run(make_store, body)
+
+
 def test_wake_indexes_customers_at_zero(make_store: StoreFactory) -> None:
     async def body(store: Store) -> None:
         await store.wake([])
