@@ -25,7 +25,7 @@ from rules.customer import (
 from rules.money import format_minor, minor
 from rules.names import RFM_TYPES, TYPE_NAMES
 from rules.policy import Policy
-from rules.segments import Snapshot, classify, customer_values
+from rules.segments import Snapshot, classify, customer_values, thresholds_view
 from rules.timeline import describe_pending, learned_interval
 from state.store import Store
 from streams.events import Identifier
@@ -181,12 +181,7 @@ def explain_segment(
         },
         "flags": dict(zip(("r_high", "f_high", "m_high"), segment.flags, strict=True)),
         "scores": dict(zip(("r", "f", "m"), segment.scores, strict=True)),
-        "thresholds": {
-            "snapshot_version": snapshot.version,
-            "means": snapshot.means,
-            "cuts": {d: list(c) for d, c in snapshot.cuts.items()},
-            "mean_scores": snapshot.mean_scores,
-        },
+        "thresholds": thresholds_view(snapshot),
     }
 
 

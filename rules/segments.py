@@ -129,13 +129,28 @@ def explain(
         },
         "flags": dict(zip(("r_high", "f_high", "m_high"), segment.flags, strict=True)),
         "scores": dict(zip(DIMENSIONS, segment.scores, strict=True)),
-        "thresholds": {
-            "snapshot_version": snapshot.version,
-            "means": snapshot.means,
-            "cuts": {d: list(c) for d, c in snapshot.cuts.items()},
-            "mean_scores": snapshot.mean_scores,
-        },
+        "thresholds": thresholds_view(snapshot),
         "policy_version": policy.version,
+    }
+
+
+def thresholds_view(snapshot: Snapshot) -> dict[str, Any]:
+    """A snapshot's thresholds in the units of an explanation's inputs (times, orders, money
+    as text), keyed like them: the snapshot itself keeps epoch seconds and minor units."""
+
+    def shown(dimension: str, value: float) -> Any:
+        if dimension == "r":
+            return iso(round(value))
+        if dimension == "m":
+            return format_minor(round(value))
+        return value if isinstance(value, int) else round(value, 2)
+
+    names = {"r": "last_purchase_at", "f": "window_orders", "m": "window_spend"}
+    return {
+        "snapshot_version": snapshot.version,
+        "means": {names[d]: shown(d, snapshot.means[d]) for d in DIMENSIONS},
+        "cuts": {names[d]: [shown(d, v) for v in snapshot.cuts[d]] for d in DIMENSIONS},
+        "mean_scores": {d: round(s, 3) for d, s in snapshot.mean_scores.items()},
     }
 
 

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memberflow.settings import default_rules_file
-from rules.customer import DAY, CustomerState, epoch, notification_id
+from rules.customer import DAY, CustomerState, epoch, iso, notification_id
+from rules.money import format_minor
 from rules.policy import Policy, PolicyError, parse_policy
 from rules.segments import (
     Snapshot,
@@ -401,8 +402,14 @@ def test_a_type_change_emits_one_explained_segment_changed() -> None:
     assert x["flags"] == {"r_high": True, "f_high": True, "m_high": False}
     assert x["scores"] == {"r": 4, "f": 2, "m": 3}
     assert x["thresholds"]["snapshot_version"] == 4
-    assert x["thresholds"]["means"] == snapshot.means
-    assert x["thresholds"]["cuts"]["f"] == [2, 4, 6, 8]
+    # In the inputs' units, not the snapshot's (epoch seconds, cents).
+    assert x["thresholds"]["means"] == {
+        "last_purchase_at": iso(round(snapshot.means["r"])),
+        "window_orders": round(snapshot.means["f"], 2),
+        "window_spend": format_minor(round(snapshot.means["m"])),
+    }
+    assert x["thresholds"]["cuts"]["window_orders"] == [2, 4, 6, 8]
+    assert x["thresholds"]["cuts"]["window_spend"] == [format_minor(c) for c in snapshot.cuts["m"]]
     assert x["policy_version"] == POLICY.version
     assert "general_development" in note.summary and "general_value" in note.summary
     assert "一般价值客户" in note.summary
