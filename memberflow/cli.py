@@ -552,7 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print one customer's R/F/M, tier and explanation as JSON.",
     )
     p.add_argument("customer_id")
-    p.add_argument("--as-of", help="evaluation time (ISO 8601); default: the engine's clock")
+    p.add_argument(
+        "--as-of",
+        help="evaluation time (ISO 8601) of R/F/M, the window and what the customer qualifies "
+        "for then (explanation.tier.qualifies_for, explanation.segment.at_as_of); tier, "
+        "lifecycle and segment stay the stored labels, which only the engine moves. Default: "
+        "the engine's clock",
+    )
     p.set_defaults(func=cmd_customer)
 
     p = commands.add_parser(
@@ -565,8 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--as-of",
-        help="evaluation time for recency and the window (ISO 8601); "
-        "default: the engine's clock (event clock in event mode, else now)",
+        help="evaluation time for recency and the window (ISO 8601; tier, lifecycle and "
+        "segment stay the stored labels); default: the engine's clock (event clock in event "
+        "mode, else now)",
     )
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_export)
