@@ -271,9 +271,7 @@ def _run(
         notifications.stopping.set()
         shop.join(timeout=10)
         notifications.join(timeout=10)
-    _summary(
-        worker, redis_server, notifications, seen, len(entries), time.monotonic() - started, style
-    )
+    _summary(worker, redis_server, notifications, len(entries), time.monotonic() - started, style)
     return 0
 
 
@@ -281,7 +279,6 @@ def _summary(
     worker: WorkerProcess,
     redis_server: LocalRedis,
     notifications: _Notifications,
-    seen: int,
     total: int,
     seconds: float,
     style: _Style,
@@ -292,6 +289,9 @@ def _summary(
     def events(outcome: str) -> int:
         return int(metrics.get(f'memberflow_events_total{{outcome="{outcome}"}}', 0))
 
+    # From the same scrape as the outcomes below (the loop's count is seconds older, and the
+    # worker goes on processing what was sent: the figures did not add up).
+    seen = int(sum(v for k, v in metrics.items() if k.startswith("memberflow_events_total{")))
     print("\n" + style("summary", "1"), file=out)
     print(
         f"  processed {seen} of {total} events in {seconds:.0f}s: "
