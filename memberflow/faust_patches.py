@@ -133,34 +133,33 @@ async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover -
 
                     offset = message.offset
                     r_offset = get_read_offset(tp)
-                    if r_offset is None or offset >= r_offset:
-                        gap = offset - (r_offset or 0)
-                        # We have a gap in income messages
-                        if gap > 1 and r_offset:
-                            acks_enabled = acks_enabled_for(message.topic)
-                            if acks_enabled:
-                                await self._add_gap(tp, r_offset + 1, offset)
-                        if commit_every is not None and self._n_acked >= commit_every:
-                            self._n_acked = 0
-                            await self.commit()
-                        delivery = callback(message)
-                        try:
-                            pending = delivery.send(None)
-                        except StopIteration:
-                            pass  # delivered without waiting: no task needed
-                        else:
-                            await self.wait_first(
-                                asyncio.ensure_future(resume(delivery, pending)),
-                                self.suspend_flow.wait(),
-                            )
-                        set_read_offset(tp, offset)
+                    # Faust drops a message below the read offset ("DROPPED MESSAGE") as one
+                    # seen already. After a rebalance that is not so: the rest of a batch
+                    # fetched before it can arrive first (the read offset was reset), and the
+                    # partition, read again from its committed offset, then had every message
+                    # below that batch dropped, unprocessed, while later acks moved the commit
+                    # past them (a lost stretch, with no offset committed before). Such a
+                    # message is delivered: applying an event twice changes nothing here.
+                    gap = offset - (r_offset or 0)
+                    # We have a gap in income messages
+                    if gap > 1 and r_offset:
+                        acks_enabled = acks_enabled_for(message.topic)
+                        if acks_enabled:
+                            await self._add_gap(tp, r_offset + 1, offset)
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    delivery = callback(message)
+                    try:
+                        pending = delivery.send(None)
+                    except StopIteration:
+                        pass  # delivered without waiting: no task needed
                     else:
-                        self.log.dev(
-                            "DROPPED MESSAGE ROFF %r: k=%r v=%r",
-                            offset,
-                            message.key,
-                            message.value,
+                        await self.wait_first(
+                            asyncio.ensure_future(resume(delivery, pending)),
+                            self.suspend_flow.wait(),
                         )
+                    set_read_offset(tp, offset)
                 unset_flag(flag_consumer_fetching)
 
     except self.consumer_stopped_errors:

@@ -502,7 +502,8 @@ def check_export(env: dict[str, str], expected: Mapping[str, Mapping[str, Any]])
         doc["customer_id"]: {name: doc[name] for name in EXPORT_FIELDS}
         for doc in map(json.loads, exported.stdout.splitlines())
     }
-    assert len(actual) == len(expected), (len(actual), len(expected))
+    missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+    assert not missing and not extra, (len(actual), len(expected), missing[:10], extra[:10])
     wrong = [cid for cid in expected if actual.get(cid) != expected[cid]]
     assert not wrong, (
         f"{len(wrong)} customers differ from the oracle, e.g.",

@@ -9,6 +9,7 @@ import hashlib
 import inspect
 import logging
 import types
+from collections import defaultdict
 from typing import Any
 
 import faust
@@ -31,7 +32,7 @@ FAUST_DRAIN_MESSAGES = "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f70
 def test_the_copied_drain_loop_is_still_fausts() -> None:
     source = inspect.getsource(BaseConsumer._drain_messages)
     assert hashlib.sha256(source.encode()).hexdigest() == FAUST_DRAIN_MESSAGES
-    # the copy differs only in how the callback is awaited
+    # the copy differs in how the callback is awaited, and delivers what Faust drops
     copied = inspect.getsource(faust_patches.drain_messages)
     assert "callback(message), self.suspend_flow.wait()" in source
     assert "delivery.send(None)" in copied and "self.suspend_flow.wait()" in copied
@@ -256,3 +257,83 @@ def test_a_positive_batch_wait_takes_fausts_own_batches() -> None:
         await stream.close()
 
     asyncio.run(main())
+
+
+class _Stopped:
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def is_set(self) -> bool:
+        return self.stopped
+
+
+class _DrainingConsumer:
+    """What drain_messages reads of a Faust consumer: one fetch of `offsets` on one
+    partition, then stop."""
+
+    consumer_stopped_errors = ()
+
+    def __init__(self, offsets: list[int], read_offset: int | None) -> None:
+        self.offsets = offsets
+        self.delivered: list[int] = []
+        self.gaps: list[tuple[int, int]] = []
+        self._stopped = _Stopped()
+        self._read_offset: dict[Any, int | None] = defaultdict(lambda: None)
+        self._read_offset[TP] = read_offset
+        self._commit_every = None
+        self._n_acked = 0
+        self.should_stop = False
+        self.diag = types.SimpleNamespace(set_flag=lambda flag: None, unset_flag=lambda flag: None)
+        self.app = types.SimpleNamespace(
+            topics=types.SimpleNamespace(acks_enabled_for=lambda topic: True)
+        )
+        self.log = types.SimpleNamespace(dev=lambda *args: None)
+        self.suspend_flow = asyncio.Event()
+
+    async def getmany(self, timeout: float) -> Any:  # noqa: ASYNC109 (Faust's signature)
+        self._stopped.stopped = True  # one fetch
+        for offset in self.offsets:
+            yield TP, types.SimpleNamespace(offset=offset, topic=TP[0], key=b"k", value=b"v")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def callback(self, message: Any) -> None:
+        self.delivered.append(message.offset)
+
+    async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
+        self.gaps.append((offset_from, offset_to))
+
+
+TP: Any = ("purchases", 0)
+
+
+def test_a_message_below_the_read_offset_is_delivered_not_dropped() -> None:
+    """After a rebalance the rest of a batch fetched before it can arrive first, then the
+    partition is read again from its committed offset: Faust dropped every message below the
+    stale batch ("DROPPED MESSAGE"), unprocessed, while acks moved the commit past them."""
+
+    async def main() -> _DrainingConsumer:
+        consumer = _DrainingConsumer([150, 151, 100, 101, 102], read_offset=None)
+        fetcher = types.SimpleNamespace(_stopped=_Stopped())
+        await faust_patches.drain_messages(consumer, fetcher)
+        return consumer
+
+    consumer = asyncio.run(main())
+    assert consumer.delivered == [150, 151, 100, 101, 102]
+    assert consumer._read_offset[TP] == 102
+    assert consumer.gaps == []
+
+
+def test_a_jump_in_offsets_is_still_a_gap() -> None:
+    """Transaction markers take offsets no message has: Faust's gap bookkeeping stays, so the
+    commit can pass them."""
+
+    async def main() -> _DrainingConsumer:
+        consumer = _DrainingConsumer([11, 12, 15, 16], read_offset=10)
+        await faust_patches.drain_messages(consumer, types.SimpleNamespace(_stopped=_Stopped()))
+        return consumer
+
+    consumer = asyncio.run(main())
+    assert consumer.delivered == [11, 12, 15, 16]
+    assert consumer.gaps == [(13, 15)]
