@@ -48,7 +48,7 @@ from state.store import (
     TimerEntry,
     Write,
 )
-from streams.codec import decode_event
+from streams.codec import MAX_MESSAGE_BYTES, decode_event
 from streams.events import (
     Cause,
     DeadLetter,
@@ -588,13 +588,16 @@ class Engine:
         self, outcome: BatchOutcome, message: RawMessage, rejection: Rejection, wall_now: int
     ) -> None:
         self.metrics.dead_letters.labels(rejection.reason.value).inc()
+        raw = message.value or b""
         outcome.dead_letters.append(
             (
                 message.key,
                 DeadLetter(
                     reason=rejection.reason,
                     detail=rejection.detail,
-                    raw_b64=base64.b64encode(message.value or b"").decode(),
+                    raw_b64=base64.b64encode(raw[:MAX_MESSAGE_BYTES]).decode(),
+                    raw_bytes=len(raw),
+                    raw_truncated=len(raw) > MAX_MESSAGE_BYTES,
                     source_topic=message.topic,
                     source_partition=message.partition,
                     source_offset=message.offset,

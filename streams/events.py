@@ -150,7 +150,13 @@ class DeadLetter(_Frozen):
     schema_version: Literal[1] = 1
     reason: RejectReason
     detail: str
+    # At most the first MAX_MESSAGE_BYTES of the message (streams.codec): a larger one is
+    # refused as oversized anyway, and copied whole (a third larger in base64) a message near
+    # the producer's 1 MB limit made a dead letter the producer refused, which stopped the
+    # worker on that message after every restart.
     raw_b64: str
+    raw_bytes: int = 0  # the message's own size
+    raw_truncated: bool = False
     source_topic: str
     source_partition: int
     source_offset: int
