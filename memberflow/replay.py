@@ -184,10 +184,34 @@ def _text_lines(path: Path, handle: Iterable[bytes]) -> Iterator[str]:
         yield line
 
 
+def _csv_rows(path: Path, handle: Iterable[bytes]) -> Iterator[tuple[int, list[str]]]:
+    """(first line, fields) of each CSV record, strictly: a quote left open (it swallowed the
+    rest of the file as one field), a quote inside an unquoted field ("Baby" shoes: quotes are
+    doubled inside a quoted field) or a bare CR is an error naming the line, not a guess."""
+    reader = csv.reader(_text_lines(path, handle), strict=True)
+    last_line = 0
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise ValueError(
+                f"{path}: unreadable CSV in the record starting at line {last_line + 1}: {exc}"
+            ) from exc
+        # A quoted field may span lines: the record starts after the previous one.
+        yield last_line + 1, fields
+        last_line = reader.line_num
+
+
 def _csv_header(path: Path) -> list[str]:
-    """The header row, checked: every required column present, no column named twice."""
+    """The header row, checked: every required column present, every column known (a column
+    misnamed, say `Currency` or `qty`, would be ignored: amounts in the default currency, one
+    item each), no column named twice. Then every record is read once, so that a broken line
+    anywhere (not UTF-8, a quote left open) is reported before anything is published."""
     with path.open("rb") as handle:
-        for fields in csv.reader(_text_lines(path, handle)):
+        rows = _csv_rows(path, handle)
+        for _, fields in rows:
             if _is_blank_row(fields):
                 continue
             header = [name.strip() for name in fields]
@@ -197,9 +221,18 @@ def _csv_header(path: Path) -> list[str]:
                     f"{path}: the CSV header lacks the column(s) {', '.join(missing)}; it "
                     f"needs {','.join(REQUIRED_COLUMNS)} (optional: {','.join(OPTIONAL_COLUMNS)})"
                 )
+            unknown = [n for n in header if n and n not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+            if unknown:
+                raise ValueError(
+                    f"{path}: the CSV header has unknown column(s) {', '.join(map(repr, unknown))}"
+                    f"; the columns are {','.join(REQUIRED_COLUMNS)} and optionally "
+                    f"{','.join(OPTIONAL_COLUMNS)} (names are case-sensitive; remove others)"
+                )
             doubled = sorted({name for name in header if name and header.count(name) > 1})
             if doubled:
                 raise ValueError(f"{path}: the CSV header repeats {', '.join(doubled)}")
+            for _ in rows:  # the whole file, checked before anything is published
+                pass
             return header
     raise ValueError(f"{path}: empty CSV file, no header row")
 
@@ -236,20 +269,8 @@ class HistoryReader(Iterator[ReplayRecord]):
 
     def _read_csv(self, header: list[str]) -> Iterator[ReplayRecord]:
         with self.path.open("rb") as handle:
-            reader = csv.reader(_text_lines(self.path, handle))
             seen_header = False
-            last_line = 0
-            while True:
-                try:
-                    fields = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as exc:
-                    raise ValueError(
-                        f"{self.path}: unreadable CSV after line {last_line}: {exc}"
-                    ) from exc
-                # A quoted field may span lines: the record starts after the previous one.
-                number, last_line = last_line + 1, reader.line_num
+            for number, fields in _csv_rows(self.path, handle):
                 if _is_blank_row(fields):
                     self.skipped_blank += 1
                     continue

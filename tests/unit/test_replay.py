@@ -251,6 +251,46 @@ def test_invalid_utf8_in_a_csv_is_a_clear_error(tmp_path: Path) -> None:
         records_of(path)
 
 
+def test_a_broken_line_anywhere_is_reported_before_anything_is_published(
+    tmp_path: Path,
+) -> None:
+    """iter_history reads the whole CSV first: a bad byte on line 502 used to stop the replay
+    after 500 events had gone out."""
+    rows = "".join(f"e{i},c{i},2024-01-01,1,EUR,,,\n" for i in range(500))
+    path = tmp_path / "late.csv"
+    path.write_bytes(f"{HEADER}\n{rows}".encode() + b"e-bad,\xe9,2024-01-01,1\n")
+    with pytest.raises(ValueError, match="line 502 is not UTF-8"):
+        iter_history(path, "EUR")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # An unclosed quote swallowed every later row into one field, silently.
+        (
+            f'{HEADER}\ne1,c1,2024-01-01,1,EUR,toys,"Bear 30cm,1\ne2,c2,2024-01-01,2,EUR,,,\n',
+            "record starting at line 2: unexpected end of data",
+        ),
+        (f'{HEADER}\ne1,c1,2024-01-01,1,EUR,toys,"Baby" shoes,1\n', "line 2: ',' expected"),
+        (f"{HEADER}\re1,c1,2024-01-01,1,EUR,,,\r", "line 1: new-line character"),  # old Mac
+    ],
+    ids=["unclosed-quote", "quote-inside-a-field", "cr-only-lines"],
+)
+def test_malformed_csv_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        iter_history(write(tmp_path, "m.csv", text), "EUR")
+
+
+@pytest.mark.parametrize("column", ["Currency", "qty", "kind", "notes"])
+def test_an_unknown_column_is_an_error_not_ignored(tmp_path: Path, column: str) -> None:
+    """`Currency` was ignored: amounts were read in the default currency, silently."""
+    path = write(tmp_path, "u.csv", f"event_id,customer_id,occurred_at,amount,{column}\n")
+    with pytest.raises(ValueError, match=f"unknown column\\(s\\) '{column}'"):
+        iter_history(path, "EUR")
+    # An empty column name (a trailing comma) is no column.
+    assert records_of(write(tmp_path, "t.csv", f"{HEADER},\ne1,c1,2024-01-01,1,EUR,,,,\n"))
+
+
 def test_bad_default_currency_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="3 upper-case"):
         iter_history(write(tmp_path, "h.csv", f"{HEADER}\n"), "eur")
