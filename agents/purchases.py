@@ -120,12 +120,7 @@ def register(app: faust.App, runtime: Runtime) -> None:
     @app.timer(interval=settings.snapshot_check_s)
     async def publish_snapshot() -> None:
         """Publish population thresholds on the policy interval (one worker wins the lock)."""
-        from memberflow.population import (
-            PolicySuperseded,
-            adopt_policy,
-            current_snapshot,
-            publish,
-        )
+        from memberflow.population import PolicySuperseded, adopt_policy, publish
 
         engine = runtime.engine()
         now = int(time.time())
@@ -138,7 +133,9 @@ def register(app: faust.App, runtime: Runtime) -> None:
                     log.error("%s; this worker fires no timers until restarted with it", exc)
                 runtime.superseded = str(exc)
                 return
-            latest = await engine.retry("snapshot", partial(current_snapshot, engine.store))
+            # Through the engine: it also sets the snapshot gauges, which a worker that has not
+            # processed a batch yet exported as 0 (version 0, published in 1970).
+            latest = await engine.current_snapshot()
             if latest is None or now - latest.published_at >= interval:
                 await engine.retry("publish", partial(publish, engine.store, runtime.policy, now))
         except Exception:
