@@ -132,6 +132,7 @@ def register(app: faust.App, runtime: Runtime) -> None:
                 if runtime.superseded is None:
                     log.error("%s; this worker fires no timers until restarted with it", exc)
                 runtime.superseded = str(exc)
+                engine.superseded = True
                 return
             # Through the engine: it also sets the snapshot gauges, which a worker that has not
             # processed a batch yet exported as 0 (version 0, published in 1970).

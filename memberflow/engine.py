@@ -162,6 +162,10 @@ class Engine:
         self.wall_clock = wall_clock
         self.max_backoff_s = max_backoff_s
         self.timer_lateness_s = timer_lateness_s
+        # Set when another policy version was adopted after this worker's (a rolling restart):
+        # every customer it writes is indexed as due now, so the workers on the adopted version
+        # re-evaluate it once they own its partition (its event here also took its wake-up).
+        self.superseded = False
         self.learn_refresh_s = learn_refresh_s
         self._learned: dict[str, int] = {}
         self._learned_at = float("-inf")
@@ -353,6 +357,9 @@ class Engine:
         self._prepare_write(fold, notifications, changed=changed)
         return fold
 
+    def _wake_at(self, state: CustomerState) -> int | None:
+        return 0 if self.superseded else wake_at(state, self.policy, self._learned)
+
     def _prepare_write(self, fold: _Fold, notifications: list[Notification], changed: bool) -> None:
         if changed and fold.state is not None:
             # Gap samples go into the record with the state that revealed them (the version
@@ -363,7 +370,7 @@ class Engine:
                 expected_version=fold.stored.version,
                 state=fold.state,
                 outbox=tuple(fold.stored.outbox) + tuple(notifications),
-                timer=TimerEntry(fold.shard, wake_at(fold.state, self.policy, self._learned)),
+                timer=TimerEntry(fold.shard, self._wake_at(fold.state)),
                 gaps=fold.stored.gaps + tuple(GapSample(c, d, version) for c, d in fold.gaps),
             )
 
@@ -445,7 +452,7 @@ class Engine:
             due = (
                 f.write.timer.due
                 if f.write is not None and f.write.timer is not None
-                else wake_at(f.state, self.policy, self._learned)
+                else self._wake_at(f.state)
             )
             outcome.timers[customer_id] = TimerEntry(f.shard, due, version)
             gaps = f.write.gaps if f.write is not None else f.stored.gaps

@@ -1194,3 +1194,28 @@ def test_shards_due_names_the_shards_with_a_timer_due_now() -> None:
         assert await by_events.shards_due([0, 2]) == [2]
 
     asyncio.run(scenario())
+
+
+def test_a_superseded_worker_indexes_what_it_writes_as_due_now() -> None:
+    """During a rolling restart an old worker still applies events by its old policy, and the
+    write takes the customer's wake-up from the adoption (its index entry becomes exact).
+    Superseded, it indexes the customer as due now instead, so a worker on the adopted
+    version re-evaluates it; such a customer used to keep the old policy's labels until its
+    next own timer or event, weeks away."""
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        clock = Clock(WALL)
+        old = timer_engine(store, clock)
+        old.superseded = True
+        outcome = await old.process([shopped(1, "f1", "c1", WALL, partition=2)])
+        assert outcome.timers["c1"].due == 0
+        await old.confirm(outcome)
+        assert store.timers[2] == {"c1": 0}
+
+        new = timer_engine(store, clock)  # a worker on the adopted version owns it now
+        woken = await new.process_due(2)
+        await new.confirm(woken)
+        assert store.timers[2] == {"c1": WALL + FORMULA_DUE}
+
+    asyncio.run(scenario())
