@@ -7,7 +7,8 @@ COPY rules ./rules
 COPY state ./state
 COPY agents ./agents
 COPY memberflow ./memberflow
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir . && useradd --system --no-create-home memberflow
+USER memberflow
 # Faust's web views (/metrics, /health) listen here.
 EXPOSE 6066
 ENTRYPOINT ["memberflow"]

@@ -594,12 +594,13 @@ def tick(env: dict[str, str], at: datetime) -> None:
     assert ticked.returncode == 0, ticked.stderr
 
 
+def metric_sum(worker: WorkerProcess, metric: str) -> float:
+    """A counter's total over its labels, from the worker's /metrics."""
+    return sum(value for name, value in worker.metrics().items() if name.startswith(metric))
+
+
 def retries(worker: WorkerProcess) -> float:
-    return sum(
-        value
-        for name, value in worker.metrics().items()
-        if name.startswith("memberflow_redis_retries_total")
-    )
+    return metric_sum(worker, "memberflow_redis_retries_total")
 
 
 # -- kill switch -----------------------------------------------------------------------------

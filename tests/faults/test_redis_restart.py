@@ -32,6 +32,7 @@ from tests.faults.harness import (
     alive,
     feeding,
     make_workload,
+    metric_sum,
     retries,
     seeded_rng,
     settle,
@@ -91,14 +92,6 @@ def test_redis_kill_9_and_aof_restart_under_load(
     print(report.summary())
 
 
-def errors(worker: WorkerProcess) -> float:
-    return sum(
-        value
-        for name, value in worker.metrics().items()
-        if name.startswith("memberflow_redis_errors_total")
-    )
-
-
 @pytest.mark.timeout(240)
 def test_redis_refusing_writes_under_load_is_waited_for(
     tmp_path: Path,
@@ -127,7 +120,7 @@ def test_redis_refusing_writes_under_load_is_waited_for(
             admin.config_set("maxmemory", str(used))  # full: the next write is refused
             time.sleep(4.0)
             alive([worker])
-            refused = errors(worker)
+            refused = metric_sum(worker, "memberflow_redis_errors_total")
             admin.config_set("maxmemory", "0")
     finally:
         admin.close()

@@ -147,6 +147,8 @@ def test_prometheus_config_is_valid_as_mounted_in_compose(tmp_path: Path) -> Non
     mounts = _compose()["services"]["prometheus"]["volumes"]
     for mount in mounts:
         source, target, *_ = mount.split(":")
+        if not source.startswith("./"):
+            continue  # a named volume (its data), not a file of the repository
         assert target.startswith("/etc/prometheus/"), mount
         shutil.copy(ROOT / source, tmp_path / Path(target).name)
     result = _run_promtool("check", "config", "prometheus.yml", cwd=tmp_path)
