@@ -7,8 +7,11 @@ COPY rules ./rules
 COPY state ./state
 COPY agents ./agents
 COPY memberflow ./memberflow
-RUN pip install --no-cache-dir . && useradd --system --no-create-home memberflow
+RUN pip install --no-cache-dir . \
+    && useradd --system --create-home --home-dir /var/lib/memberflow memberflow
+# Unprivileged; Faust creates its data directory in the working directory: the user's own.
 USER memberflow
+WORKDIR /var/lib/memberflow
 # Faust's web views (/metrics, /health) listen here.
 EXPOSE 6066
 ENTRYPOINT ["memberflow"]
