@@ -14,6 +14,7 @@ import faust
 
 from memberflow.engine import BatchOutcome, Engine
 from memberflow.faust_patches import LeanMonitor, set_fetch_max_wait, set_inline_delivery
+from memberflow.kafka import broker_ssl_context
 from memberflow.metrics import Metrics
 from memberflow.settings import Settings
 from memberflow.web import notification_ring, register_views
@@ -101,12 +102,18 @@ def faust_app(
     # Measured with ops/bench_consume_only.py (take): about half of Faust's per-event CPU.
     set_inline_delivery(fast_path)
     extra: dict[str, Any] = {"Monitor": LeanMonitor} if fast_path else {}
-    broker_credentials = None
+    broker_credentials: faust.SASLCredentials | faust.SSLCredentials | None = None
+    context = broker_ssl_context(settings) if settings.broker_tls else None
     if settings.broker_username and settings.broker_password:
+        # With an SSL context Faust speaks SASL_SSL, without SASL_PLAINTEXT (the password in
+        # clear on the wire: only for a broker on a trusted network).
         broker_credentials = faust.SASLCredentials(
             username=settings.broker_username,
             password=settings.broker_password.get_secret_value(),
+            ssl_context=context,
         )
+    elif context is not None:
+        broker_credentials = faust.SSLCredentials(context)
     return faust.App(
         app_id or settings.app_id,
         broker=settings.broker_url,

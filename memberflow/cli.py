@@ -344,7 +344,13 @@ def cmd_tick(args: argparse.Namespace) -> int:
     """Publish a watermark to every partition: in `event` mode, timers up to TIME fire."""
     from kafka import KafkaProducer
 
-    from memberflow.kafka import BrokerUnreachable, bootstrap_servers, ensure_topics, probe
+    from memberflow.kafka import (
+        BrokerUnreachable,
+        bootstrap_servers,
+        client_security,
+        ensure_topics,
+        probe,
+    )
     from streams.events import Tick
 
     settings = _settings()
@@ -365,7 +371,7 @@ def cmd_tick(args: argparse.Namespace) -> int:
         probe(servers, settings.broker_url, 10.0)
     except BrokerUnreachable as exc:
         raise CliError(str(exc)) from exc
-    producer = KafkaProducer(bootstrap_servers=servers, acks="all")
+    producer = KafkaProducer(bootstrap_servers=servers, acks="all", **client_security(settings))
     try:
         partitions = sorted(producer.partitions_for(settings.purchases_topic) or ())
         value = Tick(occurred_at=moment).model_dump_json().encode()
@@ -386,7 +392,12 @@ def cmd_tick(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from memberflow.kafka import BrokerUnreachable, bootstrap_servers, ensure_topics
+    from memberflow.kafka import (
+        BrokerUnreachable,
+        bootstrap_servers,
+        client_security,
+        ensure_topics,
+    )
     from memberflow.replay import count_lines, iter_history, publish
 
     settings = _settings()
@@ -403,6 +414,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             settings.purchases_topic,
             total=count_lines(path),
             progress=not args.quiet,
+            security=client_security(settings),
         )
     except (BrokerUnreachable, ValueError) as exc:
         raise CliError(str(exc)) from exc

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
@@ -60,6 +62,33 @@ def topic_specs(settings: Settings) -> tuple[TopicSpec, ...]:
     )
 
 
+def broker_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """TLS to the broker, verified against MEMBERFLOW_BROKER_CA_FILE or the system's CAs."""
+    cafile = str(settings.broker_ca_file) if settings.broker_ca_file else None
+    return ssl.create_default_context(cafile=cafile)
+
+
+def client_security(settings: Settings) -> dict[str, Any]:
+    """kafka-python keyword arguments for the broker's security, the same for every client the
+    CLI makes (topic creation, replay, tick) as for the workers (memberflow.app): SASL PLAIN
+    when a user is set, TLS when MEMBERFLOW_BROKER_TLS; none for a plain broker. The workers
+    used credentials the CLI's clients lacked, so against a SASL broker a worker stopped at its
+    topic check before Faust started."""
+    options: dict[str, Any] = {}
+    sasl = settings.broker_username is not None and settings.broker_password is not None
+    if settings.broker_tls:
+        options["security_protocol"] = "SASL_SSL" if sasl else "SSL"
+        options["ssl_context"] = broker_ssl_context(settings)
+    elif sasl:
+        options["security_protocol"] = "SASL_PLAINTEXT"
+    if sasl:
+        assert settings.broker_password is not None
+        options["sasl_mechanism"] = "PLAIN"
+        options["sasl_plain_username"] = settings.broker_username
+        options["sasl_plain_password"] = settings.broker_password.get_secret_value()
+    return options
+
+
 def admin_client(settings: Settings, timeout_s: float = 15.0) -> KafkaAdminClient:
     servers = bootstrap_servers(settings.broker_url)
     probe(servers, settings.broker_url, timeout_s)
@@ -68,6 +97,7 @@ def admin_client(settings: Settings, timeout_s: float = 15.0) -> KafkaAdminClien
             bootstrap_servers=servers,
             client_id=f"{settings.app_id}-admin",
             request_timeout_ms=int(timeout_s * 1000),
+            **client_security(settings),
         )
     except (KafkaError, OSError) as exc:
         raise BrokerUnreachable(

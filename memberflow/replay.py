@@ -323,6 +323,7 @@ def publish(
     progress: bool = True,
     linger_ms: int = 5,
     connect_timeout_s: float = 15.0,
+    security: Mapping[str, Any] | None = None,
 ) -> ReplayStats:
     """Send every record to `topic` (acks=all), flush, and return what was sent.
 
@@ -360,6 +361,7 @@ def publish(
             bootstrap_timeout_ms=int(connect_timeout_s * 1000),
             max_block_ms=int(connect_timeout_s * 1000),
             kafka_client=make_client,
+            **(security or {}),  # memberflow.kafka.client_security
         )
     except (KafkaError, OSError) as exc:
         for client in clients:

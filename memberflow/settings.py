@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     )
     broker_username: str | None = Field(None, description="SASL PLAIN user (None: no auth).")
     broker_password: SecretStr | None = Field(None, description="SASL PLAIN password.")
+    broker_tls: bool = Field(
+        False,
+        description="Talk TLS to the broker (SASL_SSL with a user, else SSL); every client: "
+        "workers, replay, tick, topic creation.",
+    )
+    broker_ca_file: Path | None = Field(
+        None, description="CA bundle for the broker's TLS certificate (None: the system's)."
+    )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (rediss:// = TLS).")
     redis_cluster: bool = Field(False, description="Talk to redis_url as a Redis Cluster.")
 

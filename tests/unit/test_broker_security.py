@@ -1,0 +1,84 @@
+"""The broker's security settings reach every Kafka client: the workers' Faust app and the
+CLI's kafka-python clients (topic creation, replay, tick). No SASL or TLS broker runs here, so
+what is checked is the configuration each client is built with."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+import faust
+import pytest
+from kafka import KafkaAdminClient, KafkaProducer
+
+from memberflow import kafka as mf_kafka
+from memberflow.app import faust_app
+from memberflow.settings import Settings
+
+SASL = {"broker_username": "shop", "broker_password": "s3cret"}
+
+
+@pytest.mark.parametrize(
+    ("values", "protocol"),
+    [
+        ({}, None),
+        (SASL, "SASL_PLAINTEXT"),
+        ({"broker_tls": True}, "SSL"),
+        ({**SASL, "broker_tls": True}, "SASL_SSL"),
+    ],
+    ids=["plain", "sasl", "tls", "sasl-over-tls"],
+)
+def test_client_security_per_setting(values: dict[str, Any], protocol: str | None) -> None:
+    options = mf_kafka.client_security(Settings(**values))
+    assert options.get("security_protocol") == protocol
+    assert isinstance(options.get("ssl_context"), ssl.SSLContext) == ("SSL" in (protocol or ""))
+    if "SASL" in (protocol or ""):
+        assert (options["sasl_mechanism"], options["sasl_plain_username"]) == ("PLAIN", "shop")
+        assert options["sasl_plain_password"] == "s3cret"
+    else:
+        assert not any(key.startswith("sasl") for key in options)
+
+
+def test_kafka_python_clients_accept_the_options() -> None:
+    """The keyword names are kafka-python's (a typo would only show against a real broker)."""
+    options = mf_kafka.client_security(Settings(**SASL, broker_tls=True))
+    for client in (KafkaProducer, KafkaAdminClient):
+        assert set(options) <= set(client.DEFAULT_CONFIG), client
+
+
+def test_the_ca_file_is_the_trust_root(tmp_path: Path) -> None:
+    missing = tmp_path / "ca.pem"
+    with pytest.raises(FileNotFoundError):
+        mf_kafka.broker_ssl_context(Settings(broker_tls=True, broker_ca_file=missing))
+
+
+def test_the_admin_client_is_built_with_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: dict[str, Any] = {}
+
+    class Recording:
+        def __init__(self, **config: Any) -> None:
+            built.update(config)
+
+    monkeypatch.setattr(mf_kafka, "KafkaAdminClient", Recording)
+    monkeypatch.setattr(mf_kafka, "probe", lambda *args: None)
+    mf_kafka.admin_client(Settings(**SASL))
+    assert (built["security_protocol"], built["sasl_plain_username"]) == ("SASL_PLAINTEXT", "shop")
+
+
+@pytest.mark.parametrize(
+    ("values", "kind", "protocol"),
+    [
+        (SASL, faust.SASLCredentials, "SASL_PLAINTEXT"),
+        ({**SASL, "broker_tls": True}, faust.SASLCredentials, "SASL_SSL"),
+        ({"broker_tls": True}, faust.SSLCredentials, "SSL"),
+    ],
+    ids=["sasl", "sasl-over-tls", "tls"],
+)
+def test_the_workers_faust_app_gets_the_same(
+    values: dict[str, Any], kind: type, protocol: str
+) -> None:
+    app = faust_app(Settings(**values), "t-security")
+    credentials = app.conf.broker_credentials
+    assert isinstance(credentials, kind)
+    assert credentials.protocol.value == protocol
