@@ -106,6 +106,13 @@ def admin_client(settings: Settings, timeout_s: float = 15.0) -> KafkaAdminClien
         ) from exc
 
 
+def topic_configs(replication_factor: int) -> dict[str, str]:
+    """Configs of the topics memberflow creates. With three or more replicas a write must be
+    on two before the broker acks it (producers use acks=all): with Kafka's default of one, a
+    write acked by the leader alone was lost if that broker died before a follower copied it."""
+    return {"min.insync.replicas": "2"} if replication_factor >= 3 else {}
+
+
 def ensure_topics(
     settings: Settings, specs: Sequence[TopicSpec] | None = None, wait_s: float = 30.0
 ) -> None:
@@ -121,7 +128,12 @@ def ensure_topics(
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
                 admin.create_topics(
                     [
-                        NewTopic(spec.name, spec.partitions, settings.replication_factor)
+                        NewTopic(
+                            spec.name,
+                            spec.partitions,
+                            settings.replication_factor,
+                            topic_configs=topic_configs(settings.replication_factor) or None,
+                        )
                         for spec in missing
                     ]
                 )

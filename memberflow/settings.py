@@ -69,7 +69,11 @@ class Settings(BaseSettings):
     notifications_topic: str = Field("notifications", description="Output notifications topic.")
     dead_letter_topic: str = Field("purchases.dlq", description="Bad input, with the reason.")
     partitions: int = Field(6, ge=1, description="Partitions of the topics memberflow creates.")
-    replication_factor: int = Field(1, ge=1, description="Replication of created topics.")
+    replication_factor: int = Field(
+        1,
+        ge=1,
+        description="Replication of created topics (3 or more: min.insync.replicas 2 as well).",
+    )
     rules_file: Path = Field(default_factory=default_rules_file, description="Policy YAML file.")
     clock: Literal["wall", "event"] = Field(
         "wall", description="wall: live time; event: time follows the largest event time seen."

@@ -82,3 +82,29 @@ def test_the_workers_faust_app_gets_the_same(
     credentials = app.conf.broker_credentials
     assert isinstance(credentials, kind)
     assert credentials.protocol.value == protocol
+
+
+def test_replicated_topics_need_two_in_sync_replicas() -> None:
+    assert mf_kafka.topic_configs(1) == {}
+    assert mf_kafka.topic_configs(2) == {}
+    assert mf_kafka.topic_configs(3) == {"min.insync.replicas": "2"}
+
+
+def test_ensure_topics_creates_them_with_those_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    created: list[Any] = []
+
+    class Admin:
+        def list_topics(self) -> list[str]:
+            return [topic.name for topic in created]
+
+        def create_topics(self, topics: list[Any]) -> None:
+            created.extend(topics)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(mf_kafka, "admin_client", lambda settings: Admin())
+    mf_kafka.ensure_topics(Settings(replication_factor=3))
+    assert len(created) == 3
+    assert {topic.replication_factor for topic in created} == {3}
+    assert all(topic.topic_configs == {"min.insync.replicas": "2"} for topic in created)
