@@ -73,12 +73,14 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 def text(driver: Any, selector: str) -> str:
-    from selenium.common.exceptions import NoSuchElementException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     try:
         return str(driver.find_element(By.CSS_SELECTOR, selector).text)
-    except NoSuchElementException:
+    except (NoSuchElementException, StaleElementReferenceException):
+        # Stale: the page redrew the table between finding the cell and reading it (it
+        # refreshes itself); the waits poll again. Uncaught, it failed a CI run.
         return ""
 
 
