@@ -107,7 +107,9 @@ def _specs(state: CustomerState, policy: Policy, learned: dict[str, int]) -> lis
             deferred = state.deferred.get("win_back")
             due = last + policy.win_back.after_days * DAY
             if deferred is not None and deferred[0] == last:
-                due = deferred[1]
+                # A deferral only moves a message later; under a new policy whose due time
+                # is past it, the deferral no longer holds it back.
+                due = max(due, deferred[1])
             specs.append((due, 3, False, "win_back", "win_back", last))
     rules = policy.repurchase.categories
     for category, (bought_at, _count) in state.categories.items():
@@ -119,7 +121,7 @@ def _specs(state: CustomerState, policy: Policy, learned: dict[str, int]) -> lis
         key = f"reminder:{category}"
         deferred = state.deferred.get(key)
         if deferred is not None and deferred[0] == bought_at:
-            due = deferred[1]
+            due = max(due, deferred[1])  # as for the win-back: a longer interval wins
         specs.append((due, 4, False, key, "repurchase_reminder", bought_at))
     return specs
 

@@ -420,6 +420,35 @@ def test_frequency_cap_defers_a_third_message_to_the_oldest_plus_seven_days() ->
     assert moved(_sent_at(state, due - DAY), due).effects == (("repurchase_reminder", "fired"),)
 
 
+def test_a_longer_interval_moves_a_deferred_reminder_to_its_new_due_time() -> None:
+    """A deferral only ever moves a reminder later: once a new interval puts the due time past
+    the deferred one, the deferral no longer holds it (it fired 13 days early, at the old
+    deferred time, quoting the new expected repurchase)."""
+    state = first_formula()
+    due = T0 + 14 * DAY
+    state.marketing_sent = [due - 6 * DAY, due - 2 * DAY]
+    held = moved(state, due)
+    assert held.state.deferred == {"reminder:infant_formula": [T0, due + DAY]}
+
+    longer = policy_with(
+        lambda d: d["repurchase"]["categories"][FORMULA].update(interval_days=35, learn=False)
+    )
+    new_due = T0 + 28 * DAY
+    reminders = [t for t in pending_timers(held.state, longer) if t.kind == "repurchase_reminder"]
+    assert [t.due for t in reminders] == [new_due]
+    assert moved(held.state, new_due - 1, longer).notifications == ()
+    sent = moved(held.state, new_due, longer)
+    assert kinds(sent.notifications) == [("repurchase_reminder", new_due)]
+    # Under a shorter interval the deferral still holds (the cap that deferred it stands).
+    shorter = policy_with(
+        lambda d: d["repurchase"]["categories"][FORMULA].update(interval_days=18, learn=False)
+    )
+    assert moved(held.state, due + DAY - 1, shorter).notifications == ()
+    assert kinds(moved(held.state, due + DAY, shorter).notifications) == [
+        ("repurchase_reminder", due + DAY)
+    ]
+
+
 def _sent_at(state: CustomerState, *times: int) -> CustomerState:
     out = state.copy()
     out.marketing_sent = list(times)
