@@ -258,6 +258,9 @@ class CustomerState:
     segment: list[Any] | None = None
     below_since: int | None = None  # since when the customer misses its tier's entry rule
     warned_for: int | None = None  # the below_since episode whose downgrade warning went out
+    # The downgrade date that warning gave: a policy with a shorter grace period does not
+    # downgrade before it (None: not warned, or warned before this was recorded).
+    warned_until: int | None = None
     # The policy version this state was last evaluated under (None: before it was recorded).
     # Another one means a new policy: timers it makes overdue fire now, not back-dated.
     policy_version: str | None = None
@@ -288,6 +291,7 @@ class CustomerState:
             win_back_for=self.win_back_for,
             below_since=self.below_since,
             warned_for=self.warned_for,
+            warned_until=self.warned_until,
             segment=self.segment,  # replaced whole by reclassify()
             policy_version=self.policy_version,
         )
@@ -336,6 +340,7 @@ class CustomerState:
             ("bs", self.below_since),
             ("sg", self.segment),
             ("wf", self.warned_for),
+            ("wu", self.warned_until),
             ("pv", self.policy_version),
         ):
             if value is not None and value != {} and value != [] and value != "":
@@ -372,6 +377,7 @@ class CustomerState:
             below_since=get("bs"),
             segment=get("sg"),
             warned_for=get("wf"),
+            warned_until=get("wu"),
             policy_version=get("pv"),
         )
 
@@ -770,7 +776,7 @@ def evaluate_tier(
             state.below_since = now
         return ()
     state.below_since = None  # meets its tier again: the grace period is over
-    state.warned_for = None
+    state.warned_for = state.warned_until = None
     if target_rank == current_rank:
         return ()
     previous = state.tier
@@ -806,16 +812,20 @@ def downgrade_due(state: CustomerState, policy: Policy) -> int | None:
     if state.below_since is None or policy.tier_rank(state.tier) == 0:
         return None
     changes = policy.tier_changes
-    return max(
+    due = max(
         state.below_since + changes.grace_days * DAY,
         (state.tier_since or 0) + changes.min_days_in_tier * DAY,
     )
+    if state.warned_for == state.below_since and state.warned_until is not None:
+        # Warned of a date: a new policy with a shorter grace period keeps that promise.
+        return max(due, state.warned_until)
+    return due
 
 
 def downgrade_warning(state: CustomerState, policy: Policy, at: int, cause: Cause) -> Notification:
     due = downgrade_due(state, policy)
     assert due is not None
-    state.warned_for = state.below_since
+    state.warned_for, state.warned_until = state.below_since, due
     tier = policy.tiers[policy.tier_rank(state.tier)]
     orders, spend = state.window(at, policy.window_days)
     missing_orders = max(0, tier.min_window_orders - orders)
@@ -858,7 +868,7 @@ def downgrade(state: CustomerState, policy: Policy, at: int, cause: Cause) -> No
     previous, below_since = state.tier, state.below_since
     state.tier = policy.tiers[new_rank].name
     state.tier_since = at
-    state.warned_for = None
+    state.warned_for = state.warned_until = None
     # Still below the new tier too: a new grace period starts now.
     state.below_since = at if policy.tier_rank(qualifying.name) < new_rank else None
     old_rule = policy.tiers[rank]

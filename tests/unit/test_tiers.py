@@ -372,18 +372,31 @@ def test_a_new_policy_that_makes_timers_overdue_fires_them_now_not_back_dated() 
     assert (c.s.tier, c.s.below_since, c.s.policy_version) == ("gold", T0 + 300 * DAY, "2026.12-1")
     assert kinds(c.at(T0 + 400 * DAY)) == [(WARN, T0 + 316 * DAY), (DOWN, T0 + 330 * DAY)]
 
-    # A grace period shortened under a customer already warned: the downgrade the new rule
-    # puts in the past goes out when the policy is adopted, not on its past date.
+    # A grace period shortened under a customer already warned: the warning gave day 93, and
+    # the downgrade keeps that date (it went out at adoption, day 86, a week early).
     c = gold_customer()
     c.refund(T0 + 10 * DAY, "p1", "300")
-    assert kinds(c.at(T0 + 85 * DAY)) == [(WARN, T0 + 79 * DAY)]
+    [warning] = c.at(T0 + 85 * DAY)
+    assert (warning.type, warning.explanation["downgrade_at"]) == (WARN, iso(T0 + 93 * DAY))
     c.policy = policy_with(
         lambda d: (
             d["tier_changes"].update(grace_days=7, min_days_in_tier=7),
             d.update(version="2026.12-1"),
         )
     )
-    assert kinds(c.at(T0 + 86 * DAY)) == [(DOWN, T0 + 86 * DAY)]
+    assert c.at(T0 + 93 * DAY - 1) == []
+    assert kinds(c.at(T0 + 93 * DAY)) == [(DOWN, T0 + 93 * DAY)]
+    # Its next episode (silver, below since day 93) runs on the new rules: no promise carried.
+    assert c.s.warned_until is None
+    # A longer grace period moves the downgrade later than the warned date.
+    c = gold_customer()
+    c.refund(T0 + 10 * DAY, "p1", "300")
+    c.at(T0 + 85 * DAY)
+    c.policy = policy_with(
+        lambda d: (d["tier_changes"].update(grace_days=120), d.update(version="2026.12-1"))
+    )
+    assert c.at(T0 + 129 * DAY) == []
+    assert kinds(c.at(T0 + 130 * DAY)) == [(DOWN, T0 + 130 * DAY)]
 
     # The same policy version: timers fire at their own due times, as a batch computation
     # over the events would (event clock exactness).
