@@ -37,8 +37,11 @@ def _settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         # Named as the operator set them (the environment variable), without pydantic's links.
+        # An error about several variables (no location) names them in its message.
         lines = [
-            f"  - MEMBERFLOW_{str(err['loc'][0]).upper() if err['loc'] else '?'}: {err['msg']}"
+            f"  - MEMBERFLOW_{str(err['loc'][0]).upper()}: {err['msg']}"
+            if err["loc"]
+            else f"  - {err['msg'].removeprefix('Value error, ')}"
             for err in exc.errors(include_url=False)
         ]
         raise CliError("invalid MEMBERFLOW_* settings:\n" + "\n".join(lines)) from exc

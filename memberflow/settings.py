@@ -9,12 +9,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_rules_file() -> Path:
     return Path(str(resources.files("rules").joinpath("default_policy.yaml")))
+
+
+def _read_token(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read it: {error}") from None
 
 
 class Settings(BaseSettings):
@@ -65,6 +72,30 @@ class Settings(BaseSettings):
         description="Bearer token required by every HTTP view except /health (the status page "
         "also takes ?token=). Required when web_host is not a loopback address.",
     )
+    web_token_file: Path | None = Field(
+        None,
+        description="A file holding the web token (a Docker secret: compose mounts it at "
+        "/run/secrets/web_token), read at start instead of MEMBERFLOW_WEB_TOKEN.",
+    )
+
+    @field_validator("web_token_file")
+    @classmethod
+    def _readable_token(cls, path: Path | None) -> Path | None:
+        # Checked here, so that the error names this variable.
+        if path is not None and not _read_token(path):
+            raise ValueError(f"{path} is empty")
+        return path
+
+    @model_validator(mode="after")
+    def _token_from_file(self) -> Settings:
+        if self.web_token_file is None:
+            return self
+        if self.web_token is not None:
+            raise ValueError("set MEMBERFLOW_WEB_TOKEN or MEMBERFLOW_WEB_TOKEN_FILE, not both")
+        # Frozen model: set once here, at construction, like any other field.
+        object.__setattr__(self, "web_token", SecretStr(_read_token(self.web_token_file)))
+        return self
+
     purchases_topic: str = Field("purchases", description="Input topic, keyed by customer_id.")
     notifications_topic: str = Field("notifications", description="Output notifications topic.")
     dead_letter_topic: str = Field("purchases.dlq", description="Bad input, with the reason.")

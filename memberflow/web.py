@@ -115,7 +115,8 @@ def check_exposure(settings: Settings) -> None:
         raise WebConfigError(
             f"MEMBERFLOW_WEB_HOST={settings.web_host!r} is not a loopback address and "
             "MEMBERFLOW_WEB_TOKEN is not set: the worker's HTTP views (customer data, status "
-            "page, metrics) would be open to the network. Set MEMBERFLOW_WEB_TOKEN (clients "
+            "page, metrics) would be open to the network. Set MEMBERFLOW_WEB_TOKEN or "
+            "MEMBERFLOW_WEB_TOKEN_FILE (clients "
             "then send 'Authorization: Bearer <token>') or bind to 127.0.0.1."
         )
 

@@ -3,6 +3,8 @@ mistake is reported naming the variable, with no traceback."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from memberflow import cli
@@ -47,3 +49,45 @@ def test_a_bad_setting_is_one_line_naming_the_variable(
     err = capsys.readouterr().err
     assert f"  - {name}: " in err and message in err, err
     assert "Traceback" not in err and "errors.pydantic.dev" not in err
+
+
+def test_the_web_token_can_come_from_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Docker secret: the file's one line, without its newline, is the token."""
+    token = tmp_path / "web_token"
+    token.write_text("s3cret-token\n")
+    monkeypatch.setenv("MEMBERFLOW_WEB_TOKEN_FILE", str(token))
+    settings = Settings()
+    assert settings.web_token is not None
+    assert settings.web_token.get_secret_value() == "s3cret-token"
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("content", "also_token", "message"),
+    [
+        (None, False, "  - MEMBERFLOW_WEB_TOKEN_FILE: Value error, cannot read it"),
+        ("\n", False, "  - MEMBERFLOW_WEB_TOKEN_FILE: Value error, "),
+        ("t\n", True, "  - set MEMBERFLOW_WEB_TOKEN or MEMBERFLOW_WEB_TOKEN_FILE, not both"),
+    ],
+    ids=["missing", "empty", "both"],
+)
+def test_a_bad_token_file_is_refused_naming_it(
+    content: str | None,
+    also_token: bool,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    token = tmp_path / "web_token"
+    if content is not None:
+        token.write_text(content)
+    monkeypatch.setenv("MEMBERFLOW_WEB_TOKEN_FILE", str(token))
+    if also_token:
+        monkeypatch.setenv("MEMBERFLOW_WEB_TOKEN", "other")
+    assert cli.main(["customer", "c1"]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
