@@ -21,7 +21,7 @@ from memberflow.engine import RawMessage
 from memberflow.faust_patches import take_batches
 
 if TYPE_CHECKING:
-    from memberflow.app import Runtime
+    from memberflow.app import Producing, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -148,26 +148,10 @@ def register(app: faust.App, runtime: Runtime) -> None:
 
     @app.agent(purchases, concurrency=1, name="memberflow.purchases")
     async def process_purchases(stream: faust.StreamT) -> None:
-        engine = runtime.engine()
         batches = take_batches(stream, settings.batch_max, settings.batch_within_s)
         async for events in batches:
-            started = time.perf_counter()
-            batch = [
-                RawMessage(
-                    topic=event.message.topic,
-                    partition=event.message.partition,
-                    offset=event.message.offset,
-                    key=event.message.key,
-                    value=event.message.value,
-                )
-                for event in events
-            ]
             try:
-                # One batch at a time per worker, events or timers, handed to the producer in
-                # the order processed (confirms follow that order).
-                async with runtime.lock():
-                    outcome = await engine.process(batch)
-                    await producing.hand_over(outcome, partial(acked, stream, events, started))
+                await process_batch(runtime, producing, stream, events, positions)
             except Exception:
                 # Transient Redis errors are retried inside the engine; anything reaching
                 # here is unexpected. Letting it escape would make Faust ack the batch.
@@ -176,12 +160,49 @@ def register(app: faust.App, runtime: Runtime) -> None:
             # At most one batch waits for the broker while the next one is processed.
             await producing.wait_below(2)
 
-    async def acked(stream: faust.StreamT, events: Sequence[faust.EventT], started: float) -> None:
-        """After a batch is confirmed: ack its input offsets (Faust commits them)."""
-        done = time.time()
-        for event in events:
-            await stream.ack(event)
-            tp = event.message.tp
-            positions[tp] = max(positions.get(tp, -1), event.message.offset)
-            runtime.metrics.processing_latency.observe(max(0.0, done - event.message.timestamp))
-        runtime.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+async def process_batch(
+    runtime: Runtime,
+    producing: Producing,
+    stream: faust.StreamT,
+    events: Sequence[faust.EventT],
+    positions: dict[faust.types.TP, int],
+) -> None:
+    """One batch of the agent: processed and handed to the producer under the lock; its input
+    offsets are acked only once the broker acked its output and the engine confirmed it (the
+    outbox in Redis covers the time between). Outside the agent, so a test drives it."""
+    started = time.perf_counter()
+    batch = [
+        RawMessage(
+            topic=event.message.topic,
+            partition=event.message.partition,
+            offset=event.message.offset,
+            key=event.message.key,
+            value=event.message.value,
+        )
+        for event in events
+    ]
+    # One batch at a time per worker, events or timers, handed to the producer in the order
+    # processed (confirms follow that order).
+    async with runtime.lock():
+        outcome = await runtime.engine().process(batch)
+        await producing.hand_over(
+            outcome, partial(_acked, runtime, stream, events, positions, started)
+        )
+
+
+async def _acked(
+    runtime: Runtime,
+    stream: faust.StreamT,
+    events: Sequence[faust.EventT],
+    positions: dict[faust.types.TP, int],
+    started: float,
+) -> None:
+    """After a batch is confirmed: ack its input offsets (Faust commits them)."""
+    done = time.time()
+    for event in events:
+        await stream.ack(event)
+        tp = event.message.tp
+        positions[tp] = max(positions.get(tp, -1), event.message.offset)
+        runtime.metrics.processing_latency.observe(max(0.0, done - event.message.timestamp))
+    runtime.metrics.batch_seconds.observe(time.perf_counter() - started)

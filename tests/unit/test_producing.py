@@ -137,3 +137,59 @@ def test_wait_below_bounds_the_batches_in_flight(depth: int) -> None:
         assert failures == []
 
     asyncio.run(scenario())
+
+
+class Stream:
+    """Faust's stream as the agent uses it: records the events acked (their offsets) and
+    whether their customers' outboxes were cleared (the batch confirmed) by then."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self.acked: list[int] = []
+        self.confirmed_first: list[bool] = []
+
+    async def ack(self, event: Any) -> bool:
+        self.acked.append(event.message.offset)
+        customer = event.message.key.decode()
+        self.confirmed_first.append((await self.store.load([customer]))[customer].outbox == ())
+        return True
+
+
+class Message:
+    def __init__(self, raw: RawMessage) -> None:
+        self.topic, self.partition, self.offset = raw.topic, raw.partition, raw.offset
+        self.key, self.value = raw.key, raw.value
+        self.tp = (raw.topic, raw.partition)
+        self.timestamp = float(WALL)
+
+
+class Event:
+    def __init__(self, raw: RawMessage) -> None:
+        self.message = Message(raw)
+
+
+def test_the_agent_acks_its_input_only_after_the_broker_acked_and_the_batch_was_confirmed() -> None:
+    """The agent's batch step (agents.purchases.process_batch): acking earlier would commit
+    offsets whose notifications a crash could still lose (nothing in Redis would say so once
+    the outbox is cleared, and nothing in Kafka would redeliver)."""
+    from agents.purchases import process_batch
+
+    async def scenario() -> None:
+        producing, app, store, failures = setup()
+        stream, positions = Stream(store), {}
+        events = [Event(bought(5, "p1", "c1", "150")), Event(bought(6, "p2", "c2", "40"))]
+        await process_batch(producing.runtime, producing, stream, events, positions)  # type: ignore[arg-type]
+        assert app.producer.sent  # handed over at once
+        await asyncio.sleep(0.05)
+        assert stream.acked == [] and positions == {}  # the broker has not acked yet
+        assert (await store.load(["c1"]))["c1"].outbox  # held for a crash meanwhile
+
+        for ack in app.producer.acks:
+            ack.set_result(None)
+        await asyncio.wait_for(producing.wait_below(1), 2)
+        assert stream.acked == [5, 6]
+        assert stream.confirmed_first == [True, True]  # each ack after the confirm
+        assert positions == {("purchases", 0): 6}
+        assert failures == []
+
+    asyncio.run(scenario())
