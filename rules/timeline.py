@@ -263,9 +263,10 @@ def _fire(
     cause = Cause(kind="timer", id=f"{timer.key}@{timer.anchor}")
     if timer.kind == "window_expiry":
         expire(state, policy, timer.due)
-        # F and M just dropped: the tier may now be below its rule (starts the grace period).
-        evaluate_tier(state, policy, timer.due, cause)
-        return "fired", None
+        # F and M just dropped: the tier may now be below its rule (starts the grace period),
+        # or, under a new policy whose bar is lower, above it: that upgrade is announced here.
+        upgrades = evaluate_tier(state, policy, timer.due, cause)
+        return "fired", upgrades[0] if upgrades else None
     if timer.kind == "tier":
         # The rule is asked again first: a new policy version may have lowered the bar (its
         # wake re-evaluates only after the due timers fire). Met, the grace period ends here

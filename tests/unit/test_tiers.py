@@ -405,6 +405,30 @@ def test_a_new_policy_that_makes_timers_overdue_fires_them_now_not_back_dated() 
     assert kinds(c.at(T0 + 200 * DAY)) == [(WARN, T0 + 79 * DAY), (DOWN, T0 + 93 * DAY)]
 
 
+def test_an_upgrade_found_by_an_overdue_window_expiry_is_announced() -> None:
+    """A new policy with a shorter window and a lower silver bar: the window expiry it makes
+    overdue fires first and finds silver met. The upgrade happened without a tier_upgraded
+    (the expiry's evaluation dropped it, and the wake's own evaluation found nothing left)."""
+    c = Customer()
+    c.buy(T0, "100")
+    c.buy(T0 + 190 * DAY, "50")
+    c.buy(T0 + 195 * DAY, "50")
+    assert c.s.tier == "member"  # 200 EUR: silver needs 300
+    c.policy = policy_with(
+        lambda d: (
+            d.update(window_days=180, version="2026.12-1"),
+            d["tiers"][1].update(min_window_spend=100),
+        )
+    )
+    [up] = c.at(T0 + 200 * DAY)
+    assert (up.type, epoch(up.occurred_at), up.explanation["new_tier"]) == (
+        UP,
+        T0 + 200 * DAY,
+        "silver",
+    )
+    assert c.s.tier == "silver"
+
+
 def test_recovering_after_the_warning_cancels_the_downgrade_and_a_new_episode_warns_again() -> None:
     c = gold_customer()
     c.refund(T0 + 10 * DAY, "p1", "250")
