@@ -375,7 +375,11 @@ def _marketing(
         state.deferred[timer.key] = [timer.anchor, allowed]
         return f"deferred_{gate}", None
     settle()
-    state.deferred.pop(timer.key, None)
+    # Deferred: a gate held it (now or at an earlier firing). A message that merely fires
+    # late (a poll a second after its due time, workers that were down) was not deferred:
+    # sent_at against scheduled_for shows that.
+    held = state.deferred.pop(timer.key, None)
+    deferred = held is not None and held[0] == timer.anchor
     state.marketing_sent = sorted([*state.marketing_sent, at])[-policy.marketing.max_messages :]
     valid_until = at + promotion.valid_days * DAY
     explanation: dict[str, Any] = {
@@ -383,7 +387,7 @@ def _marketing(
         **details,
         "scheduled_for": iso(scheduled),
         "sent_at": iso(at),
-        "deferred": scheduled != at,
+        "deferred": deferred,
         "promotion": {
             "description": promotion.description,
             "discount_percent": str(promotion.discount_percent),

@@ -571,15 +571,23 @@ def test_a_reminder_with_no_lead_goes_out_on_the_expected_day_and_may_be_deferre
 def test_a_reminder_that_fires_late_is_judged_when_it_really_goes_out() -> None:
     """`wall` clock mode (sends_from): workers were down, or a purchase that arrived late made
     the reminder due in the past. Sent at its due time it would carry a promotion that had
-    already run out, or go out at night with `deferred: False`."""
+    already run out, or go out at night with `deferred: False`. `deferred` says whether a gate
+    held it; lateness alone shows as sent_at after scheduled_for (a poll one second after the
+    due time flagged every on-time reminder as deferred)."""
     state = bought(None, purchase("p1", T0)).state  # reminder due day 14, expected day 21
     assert state is not None
+    polled = T0 + 14 * DAY + 1
+    (on_time,) = moved(state, polled, sends_from=polled).notifications
+    assert on_time.explanation["deferred"] is False
+    assert on_time.explanation["sent_at"] == iso(polled)
+
     late = T0 + 20 * DAY  # 12:00 in Berlin, six days late
     sent = moved(state, late, sends_from=late)
     (note,) = sent.notifications
     assert kinds([note]) == [("repurchase_reminder", late)]
     assert note.explanation["sent_at"] == iso(late)
-    assert note.explanation["deferred"] is True
+    assert note.explanation["scheduled_for"] == iso(T0 + 14 * DAY)
+    assert note.explanation["deferred"] is False  # late, but no gate held it
     assert note.explanation["promotion"]["valid_until"] == iso(late + 7 * DAY)
     assert sent.state.marketing_sent == [late]
 
@@ -587,9 +595,9 @@ def test_a_reminder_that_fires_late_is_judged_when_it_really_goes_out() -> None:
     held = moved(state, night, sends_from=night)
     assert held.effects == (("repurchase_reminder", "deferred_quiet_hours"),)
     morning = utc(2026, 6, 21, 6, 0)
-    assert kinds(moved(held.state, morning, sends_from=morning).notifications) == [
-        ("repurchase_reminder", morning)
-    ]
+    (woke,) = moved(held.state, morning, sends_from=morning).notifications
+    assert kinds([woke]) == [("repurchase_reminder", morning)]
+    assert woke.explanation["deferred"] is True  # quiet hours held it
 
     stale = T0 + 28 * DAY  # past the expected repurchase plus the lead: no longer useful
     assert moved(state, stale, sends_from=stale).effects == (("repurchase_reminder", "cancelled"),)
