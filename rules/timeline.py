@@ -20,6 +20,7 @@ from rules.customer import (
     downgrade,
     downgrade_due,
     downgrade_warning,
+    epoch,
     evaluate_tier,
     expire,
     iso,
@@ -396,8 +397,12 @@ def _marketing(
         },
         "policy_version": policy.version,
     }
-    summary = f"{promotion.description} (valid until {_date(valid_until)})" + (
-        f": {details['category']} is due again around {str(details['expected_repurchase_at'])[:10]}"
+    # Dates as the customer reads them: in the marketing time zone (quiet hours' zone). In UTC,
+    # an offer running out at 18:00 in Los Angeles read as valid a day longer than it was.
+    zone = policy.marketing.timezone
+    summary = f"{promotion.description} (valid until {_date(valid_until, zone)})" + (
+        f": {details['category']} is due again around "
+        f"{_date(epoch(datetime.fromisoformat(details['expected_repurchase_at'])), zone)}"
         if "category" in details
         else ""
     )
@@ -413,8 +418,8 @@ def _marketing(
     )
 
 
-def _date(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, UTC).date().isoformat()
+def _date(seconds: int, zone: str = "UTC") -> str:
+    return datetime.fromtimestamp(seconds, ZoneInfo(zone)).date().isoformat()
 
 
 def next_allowed(sent: list[int], marketing: Marketing, at: int) -> tuple[int, str]:

@@ -994,3 +994,20 @@ def test_timer_state_round_trips_through_json() -> None:
         {},
     )
     assert (legacy.marketing_sent, legacy.win_back_for) == ([], None)
+
+
+def test_the_summary_gives_dates_in_the_marketing_time_zone() -> None:
+    """Sent at 18:00 in Los Angeles (01:00 UTC the next day): the offer runs out at 18:00 local
+    a week later, which the summary gave as the UTC date, a day the offer does not run."""
+    from zoneinfo import ZoneInfo
+
+    policy = policy_with(lambda d: d["marketing"].update(timezone="America/Los_Angeles"))
+    la = ZoneInfo("America/Los_Angeles")
+    sent = epoch(datetime(2026, 6, 1, 18, 0, tzinfo=la))
+    state = bought(None, purchase("p1", sent), policy).state
+    assert state is not None
+    (note,) = moved(state, sent + 14 * DAY, policy).notifications
+    valid_until = note.explanation["promotion"]["valid_until"]
+    assert valid_until == "2026-06-23T01:00:00Z"  # 2026-06-22 18:00 in Los Angeles
+    assert "(valid until 2026-06-22)" in note.summary
+    assert note.summary.endswith("infant_formula is due again around 2026-06-22")
