@@ -323,8 +323,18 @@ class Engine:
             if rejection is None:
                 # Timers due before this event fire first, but only count if the event is
                 # applied: a refused or duplicate event must not move the customer's time.
+                # Before the event's own time only: in wall clock mode `now` is when it is
+                # processed, and a reminder due between a rebuy and its processing (a backlog)
+                # was sent, then made pointless by the rebuy. What falls due between the two
+                # stays indexed as overdue: the next timer poll fires what still stands.
                 moved = (
-                    advance(fold.state, self.policy, now, learned, self._sends_from(now))
+                    advance(
+                        fold.state,
+                        self.policy,
+                        min(now, event.at) if self.clock_mode == "wall" else now,
+                        learned,
+                        self._sends_from(now),
+                    )
                     if fold.state
                     else None
                 )

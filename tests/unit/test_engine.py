@@ -367,12 +367,18 @@ def test_event_clock_judges_each_customer_by_its_own_latest_event() -> None:
     others = [bought(1, "b1", "other", recent, "5")]
     ours = [bought(2, "a1", "c1", old, "200"), bought(3, "a2", "c1", old + 3600, "150")]
 
+    polled: list[BatchOutcome] = []
+
     async def scenario(clock_mode: ClockMode) -> tuple[Stored, BatchOutcome, int | None]:
         store = MemoryStore()
         engine = make_engine(store, clock_mode)
-        await engine.process(others)
+        await engine.confirm(await engine.process(others))
         outcome = await engine.process(ours)
-        return await state_of(store, "c1"), outcome, await store.clock()
+        await engine.confirm(outcome)
+        stored = await state_of(store, "c1")
+        if clock_mode == "wall":
+            polled.append(await engine.process_due(0))
+        return stored, outcome, await store.clock()
 
     stored, outcome, clock = asyncio.run(scenario("event"))
     assert outcome.applied == 2
@@ -398,23 +404,30 @@ def test_event_clock_judges_each_customer_by_its_own_latest_event() -> None:
     assert (stored.state.stage, stored.state.stage_since) == ("active", old + 3600)
     assert clock == recent  # an older batch never moves the clock back
 
-    # The same input judged by the wall clock: 400 days old is outside the window, and
-    # before a2 is applied c1's timers run up to the wall clock: the customer lapsed.
+    # The same input judged by the wall clock: 400 days old is outside the window. Before a2
+    # is applied c1's timers run up to a2's own time only (nothing is due an hour after a1):
+    # they used to run up to the wall clock, so the customer lapsed, churned and was
+    # "reactivated" by a purchase made 400 days ago. The timers a2 leaves overdue fire at the
+    # next poll: the customer's last purchase is 400 days old, so it has churned.
     stored, outcome, clock = asyncio.run(scenario("wall"))
     assert outcome.applied == 2
     assert tiers_of(outcome.notifications) == []
     assert stages_of(outcome.notifications) == [
         ("c1", "potential", "new", "a1"),
-        ("c1", "new", "at_risk", f"at_risk@{old}"),
-        ("c1", "at_risk", "churned", f"churned@{old}"),
-        ("c1", "churned", "reactivated", "a2"),
+        ("c1", "new", "active", "a2"),
     ]
-    assert [n.type for n in outcome.notifications].count(NotificationType.WIN_BACK_OFFER) == 1
     assert stored.state is not None
     assert stored.state.buckets == {}
     assert stored.state.tier == "member"
-    assert (stored.state.stage, stored.state.stage_since) == ("reactivated", WALL)
+    assert stored.state.stage == "active"
     assert clock is None
+    (poll,) = polled
+    last = old + 3600
+    assert stages_of(poll.notifications) == [
+        ("c1", "active", "at_risk", f"at_risk@{last}"),
+        ("c1", "at_risk", "churned", f"churned@{last}"),
+    ]
+    assert [n.type for n in poll.notifications].count(NotificationType.WIN_BACK_OFFER) == 1
 
 
 def test_event_clock_advances_to_the_newest_applied_event() -> None:
@@ -1217,5 +1230,63 @@ def test_a_superseded_worker_indexes_what_it_writes_as_due_now() -> None:
         woken = await new.process_due(2)
         await new.confirm(woken)
         assert store.timers[2] == {"c1": WALL + FORMULA_DUE}
+
+    asyncio.run(scenario())
+
+
+def test_wall_clock_a_purchase_processed_late_is_not_preceded_by_timers_due_after_it() -> None:
+    """A backlog: a formula rebuy made a minute before its reminder was due is processed 30 s
+    after that due time. Timers ran up to the processing time first, so the 20 %-off reminder
+    went out and the purchase that made it pointless came next; likewise a purchase made before
+    the at-risk time, processed after it, gave 'active -> at_risk -> active'."""
+
+    async def scenario() -> None:
+        noon = epoch(datetime(2026, 6, 1, 10, 0, tzinfo=UTC))  # 12:00 in Berlin
+        store = MemoryStore()
+        clock = Clock(noon + 5)
+        engine = timer_engine(store, clock)
+        await engine.confirm(await engine.process([shopped(1, "f1", "c1", noon)]))
+        due = noon + FORMULA_DUE
+        clock.now = due + 30
+        late = await engine.process([shopped(2, "f2", "c1", due - 60)])
+        await engine.confirm(late)
+        assert reminders(late) == []
+        assert late.applied == 1
+        polled = await engine.process_due(0)
+        assert reminders(polled) == []  # the rebuy moved it two weeks on
+        assert (await state_of(store, "c1")).state.categories["infant_formula"][0] == due - 60  # type: ignore[union-attr]
+
+        # The at-risk time (60 days after the last purchase) passes between a purchase and
+        # its processing: no lapse, the purchase is the customer's latest.
+        at_risk = due - 60 + 60 * DAY
+        clock.now = at_risk + 30
+        bought_in_time = await engine.process([shopped(3, "t1", "c1", at_risk - 600, "toys")])
+        await engine.confirm(bought_in_time)
+        assert stages_of(bought_in_time.notifications) == []
+        assert stages_of((await engine.process_due(0)).notifications) == []
+        assert (await state_of(store, "c1")).state.stage == "active"  # type: ignore[union-attr]
+
+    asyncio.run(scenario())
+
+
+def test_wall_clock_timers_left_overdue_by_a_late_purchase_fire_at_the_next_poll() -> None:
+    """What falls due between a purchase and its processing, and still stands after it, is
+    not lost: the customer is indexed as due, and the next poll fires it."""
+
+    async def scenario() -> None:
+        noon = epoch(datetime(2026, 6, 1, 10, 0, tzinfo=UTC))
+        store = MemoryStore()
+        clock = Clock(noon + 5)
+        engine = timer_engine(store, clock)
+        await engine.confirm(await engine.process([shopped(1, "f1", "c1", noon)]))
+        due = noon + FORMULA_DUE
+        clock.now = due + 30
+        # A toys purchase made before the formula reminder's due time: it does not cancel it.
+        late = await engine.process([shopped(2, "t1", "c1", due - 60, "toys")])
+        await engine.confirm(late)
+        assert reminders(late) == []
+        assert store.timers[0]["c1"] <= clock.now  # indexed as overdue
+        polled = await engine.process_due(0)
+        assert reminders(polled) == [("c1", at(due + 30), f"reminder:infant_formula@{noon}")]
 
     asyncio.run(scenario())
