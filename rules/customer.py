@@ -499,12 +499,15 @@ def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: i
     notifications = evaluate_tier(new, policy, now, event.cause)
     stage_change = _stage_after_purchase(new, previous_last, occurred, now, policy, event)
     # Only categories with a repurchase rule: nothing else reads them (intervals, learning).
+    # Not beyond the dedup horizon: a customer back after years says little about a repurchase
+    # cycle, and each distinct gap is a field of the histograms, which grew with the shop's age.
+    longest = policy.input.max_event_age_days * DAY
     gaps = tuple(
         (category, round((occurred - old[0]) / DAY))
         for category in event.categories
         if category in policy.repurchase.categories
         and (old := current.categories.get(category)) is not None
-        and occurred - old[0] >= DAY
+        and DAY <= occurred - old[0] <= longest
     )
     return Decision(new, notifications=notifications + stage_change, effects=effects, gaps=gaps)
 

@@ -17,6 +17,7 @@ from rules.customer import (
     DAY,
     CustomerState,
     Stage,
+    dedup_slack_days,
     downgrade,
     downgrade_due,
     downgrade_warning,
@@ -33,6 +34,7 @@ from streams.events import Cause, Notification, NotificationType
 # Fire order for timers due at the same second: state first (window, lifecycle), then messages.
 _KIND_ORDER = {
     "window_expiry": 0,
+    "memory_expiry": 0,
     "tier": 1,
     "lifecycle": 2,
     "win_back": 3,
@@ -44,8 +46,10 @@ MAX_FIRINGS = 10_000  # per advance() call; each firing settles or moves its tim
 
 @dataclass(frozen=True, slots=True)
 class Timer:
-    kind: str  # window_expiry | lifecycle | repurchase_reminder | win_back
-    key: str  # unique per customer: "window", "at_risk", "churned", "reminder:<cat>", "win_back"
+    kind: str  # window_expiry | memory_expiry | tier | lifecycle | repurchase_reminder | win_back
+    # unique per customer: "window", "memory", "tier_warning", "tier_downgrade", "at_risk",
+    # "churned", "reminder:<cat>", "win_back"
+    key: str
     due: int  # epoch seconds
     reason: str  # why it exists, for `memberflow customer`
     anchor: int  # the purchase time (or bucket day) it derives from
@@ -84,6 +88,13 @@ def _specs(state: CustomerState, policy: Policy, learned: dict[str, int]) -> lis
         specs.append(
             ((oldest + policy.window_days) * DAY, 0, False, "window", "window_expiry", oldest)
         )
+    remembered = state.seen.oldest_day
+    if remembered is not None:
+        # The dedup memory is pruned when an event is applied; a customer who stopped buying
+        # kept every event id forever (about 24 B each) without this timer.
+        max_age = policy.input.max_event_age_days
+        forget_day = remembered + max_age + dedup_slack_days(max_age) + 1
+        specs.append((forget_day * DAY, 0, False, "memory", "memory_expiry", remembered))
     below = state.below_since
     if below is not None:
         downgrade_at = downgrade_due(state, policy)
@@ -139,6 +150,11 @@ def _reason(timer: Timer, state: CustomerState, policy: Policy, learned: dict[st
     """Why a timer exists, for `memberflow customer` and the API."""
     if timer.kind == "window_expiry":
         return f"purchases of {_date(timer.anchor * DAY)} leave the {policy.window_days}-day window"
+    if timer.kind == "memory_expiry":
+        return (
+            f"event ids of {_date(timer.anchor * DAY)} leave the "
+            f"{policy.input.max_event_age_days}-day duplicate check"
+        )
     if timer.key == "tier_warning":
         return f"{state.tier} downgrade warning, {policy.tier_changes.warning_days} days ahead"
     if timer.key == "tier_downgrade":
@@ -262,6 +278,12 @@ def _fire(
     sends_from: int | None = None,
 ) -> tuple[str, Notification | None]:
     cause = Cause(kind="timer", id=f"{timer.key}@{timer.anchor}")
+    if timer.kind == "memory_expiry":
+        # The dedup memory only: buckets leaving the window are the window expiry's (its tier
+        # evaluation), even when both fall due in the same second.
+        max_age = policy.input.max_event_age_days
+        state.seen.prune(timer.due // DAY - max_age, dedup_slack_days(max_age))
+        return "fired", None
     if timer.kind == "window_expiry":
         expire(state, policy, timer.due)
         # F and M just dropped: the tier may now be below its rule (starts the grace period),

@@ -1084,7 +1084,18 @@ def test_customer_with_no_timers_left_is_unindexed() -> None:
         store.timers[4]["ghost"] = WALL  # indexed, but no record
         clock.now = window_end
         expired = await engine.process_due(4)
-        assert (expired.notifications, expired.timers_fired, expired.timers) == ([], 1, {})
+        # Its event id stays in the duplicate check for 730 days (+ 30 of slack), then goes.
+        forget = (WALL // DAY + 761) * DAY
+        assert (expired.notifications, expired.timers_fired, expired.timers) == (
+            [],
+            1,
+            {"c1": TimerEntry(4, forget, 3)},
+        )
+        await engine.confirm(expired)
+        clock.now = forget
+        forgotten = await engine.process_due(4)
+        assert (forgotten.notifications, forgotten.timers_fired, forgotten.timers) == ([], 1, {})
+        assert len((await state_of(store, "c1")).state.seen) == 0  # type: ignore[union-attr]
         # Nothing left to fire and nothing to produce: out of the index at once.
         assert store.timers[4] == {}
         assert await store.next_due_in(4) is None
@@ -1165,7 +1176,8 @@ def test_outbox_of_the_last_timers_survives_a_crash_before_it_was_produced() -> 
             "win_back_offer",
             "lifecycle_changed",
         ]
-        assert (lost.timers_fired, lost.timers) == (4, {})  # the window expired too
+        forget = (WALL // DAY + 761) * DAY  # the event id leaves the duplicate check
+        assert (lost.timers_fired, lost.timers) == (4, {"c1": TimerEntry(0, forget, 2)})
         assert store.timers[0] == {"c1": WALL + 60 * DAY}  # kept while the outbox waits
 
         restarted = timer_engine(store, clock)
@@ -1174,10 +1186,10 @@ def test_outbox_of_the_last_timers_survives_a_crash_before_it_was_produced() -> 
         assert resent.timers_fired == 0
         await restarted.confirm(resent)
         assert (await state_of(store, "c1")).outbox == ()
-        # Produced and confirmed: the next poll finds nothing and unindexes the customer.
+        # Produced and confirmed: indexed for what is left, the duplicate check's expiry.
+        assert store.timers[0] == {"c1": forget}
         final = await restarted.process_due(0)
         assert (final.notifications, final.timers_fired) == ([], 0)
-        assert store.timers[0] == {}
 
     asyncio.run(scenario())
 

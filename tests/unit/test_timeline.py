@@ -139,6 +139,13 @@ def test_infant_formula_purchase_schedules_a_reminder_on_day_14() -> None:
             "purchases of 2026-06-01 leave the 365-day window",
             T0 // DAY,
         ),
+        Timer(
+            "memory_expiry",
+            "memory",
+            utc(2028, 7, 1),  # 730 days of duplicate check, pruned up to 30 days late
+            "event ids of 2026-06-01 leave the 730-day duplicate check",
+            T0 // DAY,
+        ),
     ]
     assert next_due(state, POLICY) == T0 + 14 * DAY
     assert describe_pending(state, POLICY)[0] == {
@@ -171,6 +178,7 @@ def test_category_without_a_cycle_schedules_no_reminder() -> None:
         "lifecycle",
         "win_back",
         "window_expiry",
+        "memory_expiry",
     ]
 
 
@@ -192,6 +200,17 @@ def test_purchase_in_the_category_before_the_reminder_reschedules_it() -> None:
     note = fired.notifications[0]
     assert note.cause == Cause(kind="timer", id=f"reminder:infant_formula@{T0 + 10 * DAY}")
     assert note.explanation["last_purchase_at"] == iso(T0 + 10 * DAY)
+
+
+@pytest.mark.parametrize(("days", "counted"), [(730, True), (731, False)])
+def test_a_gap_longer_than_the_duplicate_horizon_is_not_a_repurchase_sample(
+    days: int, counted: bool
+) -> None:
+    """Each distinct gap is a histogram field: gaps of customers back after years grew the
+    histograms with the shop's age, past the bound the README gives."""
+    later = T0 + days * DAY
+    decision = apply(moved(first_formula(), later).state, purchase("p2", later), POLICY, later)
+    assert decision.gaps == (((FORMULA, days),) if counted else ())
 
 
 def test_late_older_purchase_in_the_category_moves_nothing() -> None:
@@ -629,7 +648,17 @@ def test_window_expiry_drops_the_oldest_bucket_exactly_at_day_plus_window() -> N
     assert next_due(after.state, POLICY) == (day + 3 + 365) * DAY
     last = moved(after.state, (day + 3 + 365) * DAY)
     assert last.state.buckets == {}
-    assert pending_timers(last.state, POLICY) == []  # churned, nothing in the window
+    # Churned, nothing in the window; the event ids stay for the duplicate check, 730 days
+    # (pruned once the oldest is 30 days past that), then nothing is left at all.
+    assert [(t.kind, t.due) for t in pending_timers(last.state, POLICY)] == [
+        ("memory_expiry", (day + 761) * DAY)
+    ]
+    assert len(last.state.seen) == 2
+    forgotten = moved(last.state, (day + 761) * DAY)
+    assert forgotten.effects == (("memory_expiry", "fired"),)
+    assert len(forgotten.state.seen) == 0
+    assert pending_timers(forgotten.state, POLICY) == []
+    assert forgotten.notifications == ()
 
 
 # -- lifecycle -------------------------------------------------------------------------------
@@ -728,7 +757,10 @@ def test_lapse_to_at_risk_and_churned_at_exact_days_then_reactivated() -> None:
     churned = moved(at_risk.state, T0 + 180 * DAY)
     assert lifecycle_only(churned.notifications) == [lapse_note("at_risk", "churned", T0, 180)]
     assert (churned.state.stage, churned.state.stage_since) == ("churned", T0 + 180 * DAY)
-    assert [t.kind for t in pending_timers(churned.state, POLICY)] == ["window_expiry"]
+    assert [t.kind for t in pending_timers(churned.state, POLICY)] == [
+        "window_expiry",
+        "memory_expiry",
+    ]
 
     back = T0 + 200 * DAY
     decision = toys(churned.state, 2, back)
@@ -792,7 +824,7 @@ def test_every_timer_of_one_purchase_over_a_year() -> None:
         T0 + 180 * DAY,
         utc(2027, 6, 1),
     ]
-    assert pending_timers(result.state, POLICY) == []
+    assert [t.kind for t in pending_timers(result.state, POLICY)] == ["memory_expiry"]
 
 
 # -- win-back --------------------------------------------------------------------------------
