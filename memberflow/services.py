@@ -656,7 +656,8 @@ def _parse_cluster_info(raw: Any) -> dict[str, str]:
 
 
 class LocalRedisCluster:
-    """A Redis Cluster of ``size`` masters (no replicas) on free loopback ports.
+    """A Redis Cluster of ``size`` masters, each with ``replicas`` replicas, on free loopback
+    ports (``node_timeout_ms``: how soon a silent master is failed over; Redis's default 15 s).
 
     Each node is a :class:`LocalRedis` in ``<workdir>/node-<port>``. The cluster bus port
     is chosen explicitly (``--cluster-port``) instead of the default ``port + 10000``,
@@ -668,14 +669,21 @@ class LocalRedisCluster:
         size: int = 3,
         workdir: Path | None = None,
         ready_timeout: float = 30.0,
+        replicas: int = 0,
+        node_timeout_ms: int | None = None,
     ) -> None:
         if size < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 master nodes")
         self.ready_timeout = ready_timeout
+        self.replicas = replicas
+        count = size * (1 + replicas)
+        timeout = (
+            [] if node_timeout_ms is None else ["--cluster-node-timeout", str(node_timeout_ms)]
+        )
         self._owns_work_dir = workdir is None
         self.work_dir = _make_temp_dir("redis-cluster") if workdir is None else Path(workdir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        ports = _free_ports(2 * size)
+        ports = _free_ports(2 * count)
         self.nodes: list[LocalRedis] = [
             LocalRedis(
                 port=port,
@@ -687,9 +695,10 @@ class LocalRedisCluster:
                     "nodes.conf",
                     "--cluster-port",
                     str(bus_port),
+                    *timeout,
                 ],
             )
-            for port, bus_port in zip(ports[:size], ports[size:], strict=True)
+            for port, bus_port in zip(ports[:count], ports[count:], strict=True)
         ]
         # Once slots are assigned, nodes.conf in each dir remembers the cluster, so a
         # later start() must not run `--cluster create` again (it refuses non-empty nodes).
@@ -758,7 +767,7 @@ class LocalRedisCluster:
             "create",
             *(f"{LOOPBACK}:{port}" for port in self.ports),
             "--cluster-replicas",
-            "0",
+            str(self.replicas),
             "--cluster-yes",  # otherwise it asks for confirmation on stdin
         ]
         try:

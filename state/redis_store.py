@@ -7,6 +7,7 @@ its partitions (a zombie after a rebalance) fail instead of overwriting newer st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -21,7 +22,15 @@ from pydantic_core import to_json
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection
-from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rules.customer import CustomerState
 from state import keys
@@ -370,6 +379,15 @@ class RedisStore:
             self._nodes[node.name] = client
         return client
 
+    async def _forget_nodes(self) -> None:
+        """Re-read the slot map and drop the per-node clients (a failed node's included)."""
+        nodes, self._nodes = list(self._nodes.values()), {}
+        for client in nodes:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        with contextlib.suppress(Exception):  # the cluster may still be electing: next retry
+            await cast(RedisCluster, self.client).nodes_manager.initialize()
+
     async def _eval_group(
         self,
         client: AnyRedis,
@@ -417,12 +435,20 @@ class RedisStore:
             for index in pending:
                 client = await self._node_client(calls[index][0][0])
                 groups.setdefault(str(id(client)), (client, []))[1].append(index)
-            replies = await together(
-                *(
-                    self._eval_group(client, sha, body, [calls[i] for i in indexes])
-                    for client, indexes in groups.values()
+            try:
+                replies = await together(
+                    *(
+                        self._eval_group(client, sha, body, [calls[i] for i in indexes])
+                        for client, indexes in groups.values()
+                    )
                 )
-            )
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                # A node that failed: its replica takes its slots, which only a new slot map
+                # names (a dead node answers no MOVED). Without this a running worker retried
+                # the dead node forever, unless some other command of the cluster client
+                # happened to refresh the map. The engine retries with backoff.
+                await self._forget_nodes()
+                raise
             moved = []
             for (_, indexes), reply in zip(groups.values(), replies, strict=True):
                 for index, value in zip(indexes, reply, strict=True):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +16,18 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from memberflow.engine import Engine, RawMessage
+from memberflow.metrics import Metrics
 from memberflow.services import LocalBroker, LocalRedisCluster
+from memberflow.settings import default_rules_file
 from memberflow.synthetic import add_noise, generate_history, write_csv
 from rules.customer import CustomerState
+from rules.policy import parse_policy
 from state import keys
 from state.redis_store import PackingConnection, RedisStore, connect
 from state.store import TimerEntry, Write
-from streams.events import Cause, Notification, NotificationType
+from streams.codec import encode_model
+from streams.events import Cause, Notification, NotificationType, Purchase
 from tests.integration.conftest import run_cli, worker_env
 from tests.oracle import batch_export, valid_rows
 
@@ -209,3 +216,99 @@ def test_scripts_follow_a_slot_moved_to_another_node(tmp_path: Path) -> None:
 
     with LocalRedisCluster(workdir=tmp_path / "cluster") as cluster:
         asyncio.run(scenario(cluster))
+
+
+def _master_of(cluster: LocalRedisCluster, key: str) -> int:
+    """The port of the master serving `key`'s slot, as the live nodes see it."""
+    slot = key_slot(key.encode())
+    for node in cluster.nodes:
+        if not node.running:
+            continue
+        with redis.Redis(port=node.port) as client:
+            if client.info("replication")["role"] != "master":
+                continue
+            for start, end, owner, *_ in client.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return int(owner[1])
+    raise AssertionError(f"no master serves {key}")
+
+
+def _wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+@pytest.mark.timeout(180)
+def test_a_running_worker_follows_a_failed_over_master(tmp_path: Path) -> None:
+    """A customer's master dies and its replica takes over. The batch scripts go to the node
+    the store last knew; a dead node answers no MOVED, so the slot map was never read again
+    and the worker retried the dead node forever (nothing else it sent touched that node).
+    Now a connection error re-reads the map, and the engine's retry reaches the new master."""
+    global_keys = [
+        keys.snapshot_version(),
+        keys.snapshot(),
+        keys.policy_version(),
+        keys.event_clock(),
+        keys.snapshot_lock(),
+    ]
+
+    async def scenario(cluster: LocalRedisCluster) -> None:
+        # A customer whose master holds none of the keys the engine reads through the cluster
+        # client itself (which refreshes its map on its own errors).
+        cid, victim = next(
+            (cid, port)
+            for cid in (f"cust-{n}" for n in range(200))
+            if (port := _master_of(cluster, keys.customer(cid)))
+            not in {_master_of(cluster, key) for key in global_keys}
+        )
+        survivor = next(node.url for node in cluster.nodes if node.port != victim)
+        store = RedisStore(connect(survivor, cluster=True))
+        engine = Engine(store, POLICY, metrics=Metrics(), max_backoff_s=0.5)
+        first = await engine.process([_bought(0, "o-0", cid)])
+        await engine.confirm(first)
+        assert first.applied == 1
+
+        next(node for node in cluster.nodes if node.port == victim).kill()
+        _wait_until(
+            lambda: _master_of(cluster, keys.customer(cid)) != victim, 60, "a replica promoted"
+        )
+        second = await asyncio.wait_for(engine.process([_bought(1, "o-1", cid)]), 60)
+        await engine.confirm(second)
+        assert second.applied == 1
+        stored = (await store.load([cid]))[cid]
+        assert stored.state is not None and stored.state.lifetime_orders == 2
+        await store.close()
+
+    cluster = LocalRedisCluster(
+        workdir=tmp_path / "cluster", replicas=1, node_timeout_ms=1000, ready_timeout=60
+    )
+    with cluster:
+        # Every replica in sync before a master is killed (else nothing can take over).
+        def synced() -> bool:
+            for node in cluster.nodes:
+                with redis.Redis(port=node.port) as client:
+                    info = client.info("replication")
+                    if info["role"] == "slave" and info.get("master_link_status") != "up":
+                        return False
+            return True
+
+        _wait_until(synced, 30, "replicas in sync")
+        asyncio.run(scenario(cluster))
+
+
+POLICY = parse_policy(default_rules_file().read_text(encoding="utf-8"))
+
+
+def _bought(offset: int, event_id: str, customer: str) -> RawMessage:
+    event = Purchase(
+        event_id=event_id,
+        customer_id=customer,
+        occurred_at=datetime.now(UTC),
+        amount=Decimal("10"),
+        currency="EUR",
+    )
+    return RawMessage("purchases", 0, offset, customer.encode(), encode_model(event))
