@@ -338,7 +338,9 @@ class Engine:
                     if fold.state
                     else None
                 )
-                decision = apply(moved.state if moved else fold.state, event, self.policy, now)
+                decision = apply(
+                    moved.state if moved else fold.state, event, self.policy, now, learned
+                )
                 rejection = decision.rejection
                 if decision.duplicate:
                     fold.duplicates += 1

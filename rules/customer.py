@@ -240,7 +240,9 @@ class CustomerState:
     lifetime_spend: int = 0  # base-currency minor units, net of refunds
     # day index (epoch // DAY) -> [orders, spend]; only days inside the window are kept
     buckets: dict[int, list[int]] = field(default_factory=dict)
-    # category -> [last purchase epoch, purchase count]
+    # category -> [last purchase epoch, purchase count], and for a category with a repurchase
+    # rule also [interval days, 1 if learned] its reminder was scheduled with (absent: states
+    # written before this was kept; their reminders follow the current interval)
     categories: dict[str, list[int]] = field(default_factory=dict)
     # event key -> [kind, day, amount, refunded]; the idempotency memory
     seen: Seen = field(default_factory=Seen)
@@ -445,8 +447,23 @@ def screen(event: InputEvent, policy: Policy, now: int, wall_now: int) -> Reject
     return None
 
 
-def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: int) -> Decision:
-    """Fold one screened event into a customer's state, at evaluation time `now`."""
+def interval_for(category: str, policy: Policy, learned: dict[str, int]) -> tuple[int, str]:
+    """The expected repurchase interval in days and where it comes from, as of now."""
+    rule = policy.repurchase.categories[category]
+    if rule.learn and category in learned:
+        return learned[category], "learned"
+    return rule.interval_days, "configured"
+
+
+def apply(
+    state: CustomerState | None,
+    event: InputEvent,
+    policy: Policy,
+    now: int,
+    learned: dict[str, int] | None = None,
+) -> Decision:
+    """Fold one screened event into a customer's state, at evaluation time `now`. `learned`:
+    the learned repurchase intervals in force, which a purchase's reminder keeps."""
     current = state if state is not None else new_customer(event.customer_id, policy)
     amount = to_minor(event.amount, event.currency, policy)
     if amount is None:  # screen() refuses these; kept total so apply() is safe on its own
@@ -488,12 +505,21 @@ def apply(state: CustomerState | None, event: InputEvent, policy: Policy, now: i
     orders, spend = new.buckets.get(day, (0, 0))
     new.buckets[day] = [orders + 1, spend + amount]
     new._window = None
+    rules = policy.repurchase.categories
     for category in event.categories:
         entry = new.categories.get(category)
-        if entry is None:
-            new.categories[category] = [occurred, 1]
+        if entry is not None and entry[0] >= occurred:  # an older purchase arriving late
+            new.categories[category] = [entry[0], entry[1] + 1, *entry[2:]]
+            continue
+        count = 1 if entry is None else entry[1] + 1
+        if category in rules:
+            # The reminder is scheduled now, with the interval in force now: a learned interval
+            # that changes later moves no reminder already indexed for a wake-up (the timer
+            # index would not know, and the reminder went out late or was cancelled).
+            days, source = interval_for(category, policy, learned or {})
+            new.categories[category] = [occurred, count, days, int(source == "learned")]
         else:
-            new.categories[category] = [max(entry[0], occurred), entry[1] + 1]
+            new.categories[category] = [occurred, count]
     expire(new, policy, now)
     effects = _settle_superseded(current, new, event.categories, policy)
     notifications = evaluate_tier(new, policy, now, event.cause)
@@ -945,7 +971,7 @@ def summarize(state: CustomerState, policy: Policy, as_of: int) -> dict[str, Any
         **_segment_view(state),
         "categories": {
             name: {"last_purchase_at": iso(last), "count": count}
-            for name, (last, count) in sorted(state.categories.items())
+            for name, (last, count, *_) in sorted(state.categories.items())
         },
         "as_of": iso(as_of),
         "policy_version": policy.version,

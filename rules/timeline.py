@@ -24,6 +24,7 @@ from rules.customer import (
     epoch,
     evaluate_tier,
     expire,
+    interval_for,
     iso,
     notification_id,
     stage_change,
@@ -67,12 +68,15 @@ class Advance:
         return bool(self.fired)
 
 
-def interval_for(category: str, policy: Policy, learned: dict[str, int]) -> tuple[int, str]:
-    """The expected repurchase interval in days and where it comes from."""
-    rule = policy.repurchase.categories[category]
-    if rule.learn and category in learned:
-        return learned[category], "learned"
-    return rule.interval_days, "configured"
+def scheduled_interval(
+    state: CustomerState, category: str, policy: Policy, learned: dict[str, int]
+) -> tuple[int, str]:
+    """The interval a category's reminder was scheduled with (rules.customer.apply), or for a
+    state written before that was kept, the one in force now."""
+    entry = state.categories[category]
+    if len(entry) >= 4:
+        return entry[2], "learned" if entry[3] else "configured"
+    return interval_for(category, policy, learned)
 
 
 # (due, kind order, is the downgrade, key, kind, anchor): sorts in fire order as it stands.
@@ -124,11 +128,12 @@ def _specs(state: CustomerState, policy: Policy, learned: dict[str, int]) -> lis
                 due = max(due, deferred[1])
             specs.append((due, 3, False, "win_back", "win_back", last))
     rules = policy.repurchase.categories
-    for category, (bought_at, _count) in state.categories.items():
+    for category, entry in state.categories.items():
         rule = rules.get(category)
+        bought_at = entry[0]
         if rule is None or state.reminded.get(category) == bought_at:
             continue
-        interval, _ = interval_for(category, policy, learned)
+        interval, _ = scheduled_interval(state, category, policy, learned)
         due = bought_at + max(1, interval - rule.lead_days) * DAY
         key = f"reminder:{category}"
         deferred = state.deferred.get(key)
@@ -172,7 +177,7 @@ def _reason(timer: Timer, state: CustomerState, policy: Policy, learned: dict[st
         assert policy.win_back is not None
         return f"win-back offer after {policy.win_back.after_days} days without a purchase"
     category = timer.key.split(":", 1)[1]
-    interval, source = interval_for(category, policy, learned)
+    interval, source = scheduled_interval(state, category, policy, learned)
     lead = policy.repurchase.categories[category].lead_days
     return f"{category} is rebought every {interval} days ({source}): remind {lead} days before"
 
@@ -335,7 +340,7 @@ def _fire(
         )
     category = timer.key.split(":", 1)[1]
     rule = policy.repurchase.categories[category]
-    interval, source = interval_for(category, policy, learned)
+    interval, source = scheduled_interval(state, category, policy, learned)
     expected = timer.anchor + interval * DAY
     return _marketing(
         state,

@@ -1302,3 +1302,36 @@ def test_wall_clock_timers_left_overdue_by_a_late_purchase_fire_at_the_next_poll
         assert reminders(polled) == [("c1", at(due + 30), f"reminder:infant_formula@{noon}")]
 
     asyncio.run(scenario())
+
+
+def test_a_reminder_goes_out_as_indexed_when_the_learned_interval_changes() -> None:
+    """Diapers learn their interval. A purchase is indexed with the interval learned then;
+    the learned value shrinks afterwards. The reminder followed the new value while the index
+    kept the old wake-up, so it went out late, or (as here) was cancelled as no longer useful
+    and never sent."""
+
+    async def scenario() -> None:
+        noon = epoch(datetime(2026, 6, 1, 10, 0, tzinfo=UTC))
+        store = MemoryStore()
+        store.gaps["diapers"] = {20: 40}  # 40 samples, median 20 days
+        clock = Clock(noon + 5)
+        engine = Engine(store, POLICY, metrics=Metrics(), wall_clock=clock, learn_refresh_s=1e-9)
+        bought = await engine.process([shopped(1, "d1", "c1", noon, "diapers")])
+        await engine.confirm(bought)
+        due = noon + 15 * DAY  # 20 learned - 5 lead
+        assert store.timers[0] == {"c1": due}
+
+        store.gaps["diapers"] = {8: 400}  # the population now rebuys every 8 days
+        for day in range(1, 15):
+            clock.now = noon + day * DAY
+            assert reminders(await engine.process_due(0)) == []
+        clock.now = due
+        sent = await engine.process_due(0)
+        assert reminders(sent) == [("c1", at(due), f"reminder:diapers@{noon}")]
+        (note,) = [n for n in sent.notifications if n.type is NotificationType.REPURCHASE_REMINDER]
+        assert (note.explanation["interval_days"], note.explanation["interval_source"]) == (
+            20,
+            "learned",
+        )
+
+    asyncio.run(scenario())

@@ -266,7 +266,8 @@ def test_categories_keep_last_time_and_count_in_any_order() -> None:
         purchase("p3", t2, categories=["formula", "formula", "toys"]),  # counted once per order
         purchase("p4", t2, categories=[]),
     ]
-    expected = {"formula": [t3, 3], "diapers": [t1, 1], "toys": [t2, 1]}
+    # diapers has a repurchase rule: its reminder's interval (30 days, configured) is kept
+    expected = {"formula": [t3, 3], "diapers": [t1, 1, 30, 0], "toys": [t2, 1]}
     assert fold(events)[0].categories == expected
     assert fold(list(reversed(events)))[0].categories == expected
 
@@ -1011,8 +1012,11 @@ def test_window_and_lifetime_equal_a_direct_computation(
     expected_categories: dict[str, list[int]] = {}
     for event, when in zip(events, times, strict=True):
         for category in set(event.categories):
-            last, count = expected_categories.get(category, [when, 0])
+            last, count, *_ = expected_categories.get(category, [when, 0])
             expected_categories[category] = [max(last, when), count + 1]
+            rule = POLICY.repurchase.categories.get(category)
+            if rule is not None:  # the interval its reminder was scheduled with
+                expected_categories[category] += [rule.interval_days, 0]
     assert state.categories == expected_categories
     summary = summarize(state, POLICY, now)
     assert (summary["frequency"], summary["monetary"]) == (orders, str(from_minor(spend)))

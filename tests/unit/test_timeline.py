@@ -275,22 +275,55 @@ def test_reminder_carries_the_promotion_and_a_deterministic_id() -> None:
     assert theirs.notification_id != note.notification_id
 
 
-def test_learned_interval_moves_the_reminder_and_is_explained() -> None:
-    state = bought(None, purchase("d1", T0, ["diapers"])).state
-    assert state is not None
-    assert pending_timers(state, POLICY)[0].due == T0 + 25 * DAY  # 30 configured - 5 lead
+def test_a_learned_interval_schedules_the_reminder_and_is_explained() -> None:
     learned = {"diapers": 20}
-    assert pending_timers(state, POLICY, learned)[0].due == T0 + 15 * DAY
-    (note,) = moved(state, T0 + 15 * DAY, learned=learned).notifications
+    bought_at = purchase("d1", T0, ["diapers"])
+    state = apply(None, bought_at, POLICY, T0, learned).state
+    assert state is not None
+    assert state.categories["diapers"] == [T0, 1, 20, 1]  # the interval it was scheduled with
+    assert pending_timers(state, POLICY)[0].due == T0 + 15 * DAY  # 20 learned - 5 lead
+    (note,) = moved(state, T0 + 15 * DAY).notifications
     assert note.explanation["interval_days"] == 20
     assert note.explanation["interval_source"] == "learned"
     assert note.explanation["expected_repurchase_at"] == iso(T0 + 20 * DAY)
     # Sent when it was due: not reported as deferred, scheduled for when it went out.
     assert note.explanation["scheduled_for"] == note.explanation["sent_at"] == iso(T0 + 15 * DAY)
     assert note.explanation["deferred"] is False
+    # Without a learned value (too few samples), the configured 30 days.
+    plain = apply(None, bought_at, POLICY, T0).state
+    assert plain is not None
+    assert pending_timers(plain, POLICY)[0].due == T0 + 25 * DAY
     # infant_formula does not learn: a learned value for it is ignored.
-    formula = first_formula()
-    assert pending_timers(formula, POLICY, {FORMULA: 3})[0].due == T0 + 14 * DAY
+    formula = apply(None, purchase("f1", T0), POLICY, T0, {FORMULA: 3}).state
+    assert formula is not None
+    assert pending_timers(formula, POLICY)[0].due == T0 + 14 * DAY
+
+
+def test_a_reminder_keeps_the_interval_it_was_scheduled_with() -> None:
+    """The timer index holds each customer's next wake-up, computed when it was written. A
+    learned interval that shrank afterwards moved the reminder earlier than its wake-up: it
+    went out late, or past its usefulness was cancelled and never sent. A new interval (learned
+    or configured) applies to purchases from then on."""
+    state = apply(None, purchase("d1", T0, ["diapers"]), POLICY, T0).state
+    assert state is not None
+    wake = wake_at(state, POLICY)
+    assert wake == T0 + 25 * DAY
+    assert wake_at(state, POLICY, {"diapers": 20}) == wake
+    shorter = policy_with(
+        lambda d: d["repurchase"]["categories"]["diapers"].update(interval_days=10)
+    )
+    assert pending_timers(state, shorter, {"diapers": 20})[0].due == wake
+    (note,) = moved(state, wake, learned={"diapers": 20}).notifications
+    assert (note.explanation["interval_days"], note.explanation["interval_source"]) == (
+        30,
+        "configured",
+    )
+    # The next purchase is scheduled with the interval in force then.
+    again = apply(
+        state, purchase("d2", T0 + 2 * DAY, ["diapers"]), POLICY, T0 + 2 * DAY, {"diapers": 20}
+    )
+    assert again.state is not None
+    assert pending_timers(again.state, POLICY)[0].due == T0 + 17 * DAY
 
 
 # -- quiet hours -----------------------------------------------------------------------------
@@ -442,8 +475,10 @@ def test_frequency_cap_defers_a_third_message_to_the_oldest_plus_seven_days() ->
 def test_a_longer_interval_moves_a_deferred_reminder_to_its_new_due_time() -> None:
     """A deferral only ever moves a reminder later: once a new interval puts the due time past
     the deferred one, the deferral no longer holds it (it fired 13 days early, at the old
-    deferred time, quoting the new expected repurchase)."""
+    deferred time, quoting the new expected repurchase). A state written before reminders kept
+    their interval: it follows the interval in force."""
     state = first_formula()
+    state.categories[FORMULA] = state.categories[FORMULA][:2]
     due = T0 + 14 * DAY
     state.marketing_sent = [due - 6 * DAY, due - 2 * DAY]
     held = moved(state, due)
