@@ -720,8 +720,31 @@ def _apply_refund(
         new.buckets[purchase_day] = [bucket[0] - (1 if whole else 0), bucket[1] - counted]
         new._window = None
     expire(new, policy, now)
+    effects = _settle_returned(new, purchase_day, policy) if whole else ()
     # A refund never downgrades at once: it may start the grace period (tier_changes policy).
-    return Decision(new, notifications=evaluate_tier(new, policy, now, event.cause))
+    return Decision(
+        new, notifications=evaluate_tier(new, policy, now, event.cause), effects=effects
+    )
+
+
+def _settle_returned(
+    state: CustomerState, purchase_day: int, policy: Policy
+) -> tuple[tuple[str, str], ...]:
+    """A returned order's repurchase reminders are cancelled ("buy it again" for what came
+    back). The order is known by its day (the dedup memory keeps no time or categories), so of
+    two orders in a category on one day, returning the earlier cancels the later's reminder."""
+    effects: list[tuple[str, str]] = []
+    for category, entry in state.categories.items():
+        bought_at = entry[0]
+        if (
+            category in policy.repurchase.categories
+            and bought_at // DAY == purchase_day
+            and state.reminded.get(category) != bought_at
+        ):
+            state.reminded[category] = bought_at
+            state.deferred.pop(f"reminder:{category}", None)
+            effects.append(("repurchase_reminder", "cancelled"))
+    return tuple(effects)
 
 
 def expire(state: CustomerState, policy: Policy, now: int) -> None:

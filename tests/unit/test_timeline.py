@@ -31,7 +31,7 @@ from rules.timeline import (
     pending_timers,
     wake_at,
 )
-from streams.events import Cause, Item, Notification, NotificationType, Purchase
+from streams.events import Cause, Item, Notification, NotificationType, Purchase, Refund
 
 DEFAULT_TEXT = default_rules_file().read_text(encoding="utf-8")
 POLICY = parse_policy(DEFAULT_TEXT)
@@ -211,6 +211,45 @@ def test_a_gap_longer_than_the_duplicate_horizon_is_not_a_repurchase_sample(
     later = T0 + days * DAY
     decision = apply(moved(first_formula(), later).state, purchase("p2", later), POLICY, later)
     assert decision.gaps == (((FORMULA, days),) if counted else ())
+
+
+def _refund(event_id: str, of: str, when: int, amount: str) -> Refund:
+    return Refund(
+        event_id=event_id,
+        customer_id=CUSTOMER,
+        refund_of=of,
+        occurred_at=datetime.fromtimestamp(when, UTC),
+        amount=Decimal(amount),
+        currency="EUR",
+    )
+
+
+@pytest.mark.parametrize(
+    ("amount", "reminded"), [("10", False), ("4", True)], ids=["whole", "part"]
+)
+def test_a_returned_order_cancels_its_reminder(amount: str, reminded: bool) -> None:
+    """The only formula order came back whole the next day: "formula is due again, 20 % off"
+    went out on day 14 all the same. A partial refund keeps the order, and its reminder."""
+    state = first_formula()
+    back = T0 + DAY
+    decision = apply(state, _refund("r1", "p1", back, amount), POLICY, back)
+    assert decision.state is not None
+    expected = () if reminded else (("repurchase_reminder", "cancelled"),)
+    assert decision.effects == expected
+    sent = moved(decision.state, T0 + 30 * DAY)
+    assert [n.type for n in sent.notifications].count(REMINDER) == (1 if reminded else 0)
+
+
+def test_returning_an_older_order_keeps_the_newer_ones_reminder() -> None:
+    state = first_formula()
+    later = T0 + 3 * DAY
+    state = apply(state, purchase("p2", later), POLICY, later).state
+    assert state is not None
+    decision = apply(state, _refund("r1", "p1", later, "10"), POLICY, later)
+    assert decision.effects == ()
+    assert decision.state is not None
+    (note,) = [n for n in moved(decision.state, later + 14 * DAY).notifications]
+    assert note.cause.id == f"reminder:infant_formula@{later}"
 
 
 def test_late_older_purchase_in_the_category_moves_nothing() -> None:
