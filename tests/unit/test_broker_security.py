@@ -108,3 +108,69 @@ def test_ensure_topics_creates_them_with_those_configs(monkeypatch: pytest.Monke
     assert len(created) == 3
     assert {topic.replication_factor for topic in created} == {3}
     assert all(topic.topic_configs == {"min.insync.replicas": "2"} for topic in created)
+
+
+SASL_TLS_ENV = {
+    "MEMBERFLOW_BROKER_USERNAME": "shop",
+    "MEMBERFLOW_BROKER_PASSWORD": "s3cret",
+    "MEMBERFLOW_BROKER_TLS": "true",
+}
+
+
+def _sasl_tls_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SASL_TLS_ENV.items():
+        monkeypatch.setenv(name, value)
+    # No broker here: topic creation and the TCP probe are the admin client's (tested above).
+    monkeypatch.setattr(mf_kafka, "ensure_topics", lambda settings: None)
+    monkeypatch.setattr(mf_kafka, "probe", lambda *args: None)
+
+
+def test_tick_sends_with_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`memberflow tick` builds its own producer: without the options it talked plaintext to a
+    SASL broker (and the password would have gone in clear)."""
+    import kafka
+
+    from memberflow import cli
+
+    built: dict[str, Any] = {}
+
+    class Producer:
+        def __init__(self, **config: Any) -> None:
+            built.update(config)
+
+        def partitions_for(self, topic: str) -> set[int]:
+            return {0, 1}
+
+        def send(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def flush(self) -> None:
+            pass
+
+        def close(self, timeout: float) -> None:
+            pass
+
+    _sasl_tls_env(monkeypatch)
+    monkeypatch.setattr(kafka, "KafkaProducer", Producer)
+    assert cli.main(["tick"]) == 0
+    assert built["security_protocol"] == "SASL_SSL"
+    assert (built["sasl_plain_username"], built["sasl_plain_password"]) == ("shop", "s3cret")
+    assert isinstance(built["ssl_context"], ssl.SSLContext)
+
+
+def test_replay_publishes_with_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memberflow import cli, replay
+
+    history = tmp_path / "shop.csv"
+    history.write_text("event_id,customer_id,occurred_at,amount\no-1,c-1,2026-06-01T10:00:00Z,10\n")
+    used: dict[str, Any] = {}
+
+    def publish(records: Any, servers: str, topic: str, **kwargs: Any) -> replay.ReplayStats:
+        used.update(kwargs["security"])
+        return replay.ReplayStats(published=len(list(records)), skipped_blank=0, seconds=0.1)
+
+    _sasl_tls_env(monkeypatch)
+    monkeypatch.setattr(replay, "publish", publish)
+    assert cli.main(["replay", "--quiet", str(history)]) == 0
+    assert used["security_protocol"] == "SASL_SSL"
+    assert (used["sasl_plain_username"], used["sasl_plain_password"]) == ("shop", "s3cret")
