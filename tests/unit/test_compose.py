@@ -24,7 +24,10 @@ def test_stack_has_the_promised_services_with_pinned_images() -> None:
     assert {"kafka", "redis", "worker-1", "worker-2", "shop", "prometheus"} <= set(services)
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
-    assert "--appendonly" in services["redis"]["command"]
+    redis = services["redis"]["command"]
+    assert redis[redis.index("--appendonly") + 1] == "yes"
+    assert redis[redis.index("--save") + 1] == ""  # no RDB: a failed save refuses writes
+    assert redis[redis.index("--maxmemory-policy") + 1] == "noeviction"
     for name, service in services.items():
         if service["image"].startswith("memberflow:"):
             continue  # built from this repository
