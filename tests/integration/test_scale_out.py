@@ -37,7 +37,8 @@ COMPARED = (
 
 def _run(
     tmp: Path, history: Path, events: int, workers: int, make_worker: Any, as_of: str
-) -> dict[str, dict[str, Any]]:
+) -> tuple[dict[str, dict[str, Any]], list[int]]:
+    """The export, and the events each worker processed."""
     with (
         LocalBroker(workdir=tmp / "broker") as broker,
         LocalRedis(workdir=tmp / "redis") as redis_server,
@@ -69,12 +70,13 @@ def _run(
         wait_timers_settled(redis_server.url, 6, until)
         exported = run_cli(env, "export", "--as-of", as_of)
         assert exported.returncode == 0, exported.stderr
+        seen = [worker.events_seen() for worker in started]
         for worker in started:
             worker.stop(timeout=30)
     return {
         doc["customer_id"]: {field: doc[field] for field in COMPARED}
         for doc in map(json.loads, exported.stdout.splitlines())
-    }
+    }, seen
 
 
 @pytest.mark.timeout(600)
@@ -84,9 +86,12 @@ def test_one_and_three_workers_give_identical_exports(tmp_path: Path, make_worke
     write_csv(rows, history)
     last = max(datetime.fromisoformat(r["occurred_at"].replace("Z", "+00:00")) for r in rows)
     as_of = last.replace(microsecond=0).isoformat()
-    one = _run(tmp_path / "one", history, len(rows), 1, make_worker, as_of)
-    three = _run(tmp_path / "three", history, len(rows), 3, make_worker, as_of)
+    one, _ = _run(tmp_path / "one", history, len(rows), 1, make_worker, as_of)
+    three, seen = _run(tmp_path / "three", history, len(rows), 3, make_worker, as_of)
+    # The history really was shared: every worker processed part of it.
+    assert all(count > 0 for count in seen), seen
     assert len(one) == 200
+    assert set(three) == set(one)
     assert all(doc["rfm_type"] for doc in one.values())
     differing = [cid for cid in one if one[cid] != three.get(cid)]
     assert differing == [], [(one[c], three.get(c)) for c in differing[:3]]
