@@ -31,9 +31,12 @@ from streams.events import (
 )
 
 DAY = 86_400
-# 2: the dedup memory is compact text (Seen); 1 (read, never written) held it as a JSON object.
-STATE_FORMAT = 2
-READABLE_FORMATS = frozenset({1, 2})
+# 3: category entries of repurchase categories keep their reminder's interval (and anchor),
+# and a warned downgrade date (wu) may be present: a worker reading format 2 only would misread
+# them (a crash on the longer entries, `wu` dropped on rewrite), so it must refuse them.
+# 2: the dedup memory is compact text (Seen); 1 held it as a JSON object. Both still read.
+STATE_FORMAT = 3
+READABLE_FORMATS = frozenset({1, 2, 3})
 # How far a refund in another currency may miss the rest of its purchase and still return it
 # whole. Each conversion rounds by at most half a cent, so an order refunded in two parts
 # misses by at most a cent. Not more: the rule cannot tell a whole refund from a partial one

@@ -407,7 +407,8 @@ def _marketing(
     # late (a poll a second after its due time, workers that were down) was not deferred:
     # sent_at against scheduled_for shows that.
     held = state.deferred.pop(timer.key, None)
-    deferred = held is not None and held[0] == timer.anchor
+    # Past its schedule: a deferral that a later due time (a new policy) overtook held nothing.
+    deferred = held is not None and held[0] == timer.anchor and held[1] > scheduled
     state.marketing_sent = sorted([*state.marketing_sent, at])[-policy.marketing.max_messages :]
     valid_until = at + promotion.valid_days * DAY
     explanation: dict[str, Any] = {

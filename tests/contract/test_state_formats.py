@@ -1,6 +1,6 @@
 """Customer states written by an earlier version (format 1: the dedup memory as a JSON object)
 in a real redis-server: the engine reads them, still recognises every event they remember, and
-rewrites them in format 2 on the customer's next change."""
+rewrites them in the current format on the customer's next change."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from memberflow.engine import Engine
 from memberflow.services import LocalRedis
 from memberflow.settings import default_rules_file
-from rules.customer import DAY, Seen, epoch, event_key
+from rules.customer import DAY, STATE_FORMAT, Seen, epoch, event_key
 from rules.policy import parse_policy
 from state import keys
 from state.redis_store import RedisStore, connect
@@ -45,7 +45,7 @@ def test_format_1_states_are_read_deduplicated_and_rewritten(redis_server: Local
         await engine.confirm(await engine.process(batch))
         key = keys.customer("c1")
         written = json.loads(await store.client.hget(key, "s"))
-        assert written["f"] == 2 and isinstance(written["s"], str)
+        assert written["f"] == STATE_FORMAT and isinstance(written["s"], str)
 
         # What an earlier version wrote for the same history.
         legacy = {**written, "f": 1, "s": Seen(written["s"]).as_dict()}
@@ -62,7 +62,7 @@ def test_format_1_states_are_read_deduplicated_and_rewritten(redis_server: Local
         await engine.confirm(newer)
         assert int(await store.client.hget(key, "v")) == version + 1
         stored = json.loads(await store.client.hget(key, "s"))
-        assert stored["f"] == 2
+        assert stored["f"] == STATE_FORMAT
         assert sorted(Seen(stored["s"]).as_dict()) == sorted(
             event_key(e) for e in ("p1", "p2", "p3")
         )

@@ -788,19 +788,19 @@ def test_state_with_refunds_round_trips_through_json() -> None:
 
 
 def test_unknown_state_format_is_refused() -> None:
-    text = new_customer("c", POLICY).to_json().replace('"f":2', '"f":3')
-    with pytest.raises(ValueError, match="unknown customer state format 3"):
+    text = new_customer("c", POLICY).to_json().replace('"f":3', '"f":4')
+    with pytest.raises(ValueError, match="unknown customer state format 4"):
         CustomerState.from_json(text)
 
 
-def test_format_1_states_read_back_and_are_written_as_format_2() -> None:
+def test_format_1_states_read_back_and_are_written_in_the_current_format() -> None:
     """States saved before the compact dedup memory (its entries as a JSON object) keep
-    working: read, they are the same state; written again, they are format 2."""
+    working: read, they are the same state; written again, they are format 3."""
     state, _ = fold(silver_history())
     state = applied(state, refund("r1", "p1", NOW, "20")).state
     assert state is not None
     doc = json.loads(state.to_json())
-    assert doc["f"] == 2 and isinstance(doc["s"], str)
+    assert doc["f"] == 3 and isinstance(doc["s"], str)
     legacy = {**doc, "f": 1, "s": state.seen.as_dict()}
     restored = CustomerState.from_json(json.dumps(legacy))
     assert restored == state
@@ -1065,7 +1065,7 @@ def test_state_json_leaves_out_what_is_empty() -> None:
     document without it reads back as the same state."""
     state = new_customer("c", POLICY)
     assert json.loads(state.to_json()) == {
-        "f": 2,
+        "f": 3,
         "id": "c",
         "lo": 0,
         "ls": 0,

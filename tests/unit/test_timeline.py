@@ -532,6 +532,8 @@ def test_a_longer_interval_moves_a_deferred_reminder_to_its_new_due_time() -> No
     assert moved(held.state, new_due - 1, longer).notifications == ()
     sent = moved(held.state, new_due, longer)
     assert kinds(sent.notifications) == [("repurchase_reminder", new_due)]
+    # Sent at its new due time: the old deferral held nothing.
+    assert sent.notifications[0].explanation["deferred"] is False
     # Under a shorter interval the deferral still holds (the cap that deferred it stands).
     shorter = policy_with(
         lambda d: d["repurchase"]["categories"][FORMULA].update(interval_days=18, learn=False)
