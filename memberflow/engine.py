@@ -319,7 +319,8 @@ class Engine:
         cause: Cause | None = None
         for message, event in items:
             now = evaluation_time(self.clock_mode, fold.state, event, wall_now)
-            rejection = screen(event, self.policy, max(now, global_clock), wall_now)
+            screened_at = max(now, global_clock)
+            rejection = screen(event, self.policy, screened_at, wall_now)
             if rejection is None:
                 # Timers due before this event fire first, but only count if the event is
                 # applied: a refused or duplicate event must not move the customer's time.
@@ -339,7 +340,12 @@ class Engine:
                     else None
                 )
                 decision = apply(
-                    moved.state if moved else fold.state, event, self.policy, now, learned
+                    moved.state if moved else fold.state,
+                    event,
+                    self.policy,
+                    now,
+                    learned,
+                    screened_at,
                 )
                 rejection = decision.rejection
                 if decision.duplicate:

@@ -464,9 +464,13 @@ def apply(
     policy: Policy,
     now: int,
     learned: dict[str, int] | None = None,
+    screened_at: int | None = None,
 ) -> Decision:
     """Fold one screened event into a customer's state, at evaluation time `now`. `learned`:
-    the learned repurchase intervals in force, which a purchase's reminder keeps."""
+    the learned repurchase intervals in force, which a purchase's reminder keeps.
+    `screened_at`: the time the event was screened at (screen(); the engine's is the later of
+    `now` and its event clock): a refund's purchase past the dedup horizon from there is
+    unknown, so the answer does not depend on whether a timer pruned that memory yet."""
     current = state if state is not None else new_customer(event.customer_id, policy)
     amount = to_minor(event.amount, event.currency, policy)
     if amount is None:  # screen() refuses these; kept total so apply() is safe on its own
@@ -490,7 +494,8 @@ def apply(
         return Decision(state, duplicate=True)
 
     if isinstance(event, Refund):
-        return _apply_refund(current, event, key, day, amount, policy, now)
+        horizon_now = now if screened_at is None else max(now, screened_at)
+        return _apply_refund(current, event, key, day, amount, policy, now, horizon_now)
 
     new = current.copy()
     new.policy_version = policy.version
@@ -663,6 +668,7 @@ def _apply_refund(
     amount: int,
     policy: Policy,
     now: int,
+    horizon_now: int,
 ) -> Decision:
     original = current.seen.get(event_key(event.refund_of))
     # A purchase past the dedup horizon is unknown whether or not a lazy prune kept it (Seen):
@@ -670,7 +676,7 @@ def _apply_refund(
     if (
         original is None
         or original[0] != _PURCHASE
-        or original[1] < now // DAY - policy.input.max_event_age_days
+        or original[1] < horizon_now // DAY - policy.input.max_event_age_days
     ):
         # Refunds must follow their purchase. Dead-lettered (not dropped), so an operator can
         # replay it once the purchase is in.

@@ -1335,3 +1335,38 @@ def test_a_reminder_goes_out_as_indexed_when_the_learned_interval_changes() -> N
         )
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("polled", [False, True], ids=["not-polled", "polled"])
+def test_event_clock_a_late_refund_does_not_depend_on_when_the_memory_was_pruned(
+    polled: bool,
+) -> None:
+    """A dormant customer's purchase, the partition clock 800 days on, then a refund of it
+    stamped 100 days after the purchase (within max_event_age_days of the clock, so accepted):
+    its purchase is past the dedup horizon seen from the clock. It was applied when no timer
+    poll had run, and unknown when one had (the memory_expiry timer prunes by the clock)."""
+    t0 = WALL - 900 * DAY
+
+    async def scenario() -> tuple[list[str], int]:
+        store = MemoryStore()
+        engine = make_engine(store, "event")
+        await engine.confirm(await engine.process([bought(1, "p1", "c1", t0, "50")]))
+        await engine.confirm(await engine.process([tick(2, t0 + 800 * DAY, 0)]))
+        if polled:
+            while (due := await engine.process_due(0)).timers_fired:
+                await engine.confirm(due)
+        late = Refund(
+            event_id="r1",
+            customer_id="c1",
+            refund_of="p1",
+            occurred_at=at(t0 + 100 * DAY),
+            amount=Decimal("50"),
+            currency="EUR",
+        )
+        outcome = await engine.process([message(3, encode_model(late), 0)])
+        await engine.confirm(outcome)
+        state = (await state_of(store, "c1")).state
+        assert state is not None
+        return [d.reason.value for _, d in outcome.dead_letters], state.lifetime_orders
+
+    assert asyncio.run(scenario()) == (["unknown_purchase"], 1)
