@@ -8,7 +8,7 @@ event id is remembered (for `input.max_event_age_days`, beyond which events are 
 from __future__ import annotations
 
 import hashlib
-from base64 import urlsafe_b64encode
+from base64 import urlsafe_b64decode, urlsafe_b64encode
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -69,6 +69,12 @@ def iso(seconds: int | None) -> str | None:
     if seconds is None:
         return None
     return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def order_tag(key: str) -> int:
+    """A purchase's event key (event_key) as a 48-bit number, kept with the category entries
+    it anchors, so that a refund finds the reminders of exactly the order it returns."""
+    return int.from_bytes(urlsafe_b64decode(key)[:6], "big")
 
 
 def event_key(event_id: str) -> str:
@@ -244,8 +250,9 @@ class CustomerState:
     # day index (epoch // DAY) -> [orders, spend]; only days inside the window are kept
     buckets: dict[int, list[int]] = field(default_factory=dict)
     # category -> [last purchase epoch, purchase count], and for a category with a repurchase
-    # rule also [interval days, 1 if learned] its reminder was scheduled with (absent: states
-    # written before this was kept; their reminders follow the current interval)
+    # rule also [interval days, 1 if learned, order_tag of that purchase]: the interval its
+    # reminder was scheduled with and the order it belongs to (absent: format 1 and 2 states;
+    # their reminders follow the current interval, and no refund cancels them)
     categories: dict[str, list[int]] = field(default_factory=dict)
     # event key -> [kind, day, amount, refunded]; the idempotency memory
     seen: Seen = field(default_factory=Seen)
@@ -514,9 +521,15 @@ def apply(
     new.buckets[day] = [orders + 1, spend + amount]
     new._window = None
     rules = policy.repurchase.categories
+    tag = order_tag(key)
     for category in event.categories:
         entry = new.categories.get(category)
-        if entry is not None and entry[0] >= occurred:  # an older purchase arriving late
+        if entry is not None and (
+            entry[0] > occurred
+            or (entry[0] == occurred and (len(entry) < 5 or entry[4] >= tag))
+        ):
+            # An older purchase arriving late (of two at the same second, the larger tag
+            # anchors the reminder, whichever came first)
             new.categories[category] = [entry[0], entry[1] + 1, *entry[2:]]
             continue
         count = 1 if entry is None else entry[1] + 1
@@ -525,7 +538,17 @@ def apply(
             # that changes later moves no reminder already indexed for a wake-up (the timer
             # index would not know, and the reminder went out late or was cancelled).
             days, source = interval_for(category, policy, learned or {})
-            new.categories[category] = [occurred, count, days, int(source == "learned")]
+            new.categories[category] = [
+                occurred,
+                count,
+                days,
+                int(source == "learned"),
+                tag,
+            ]
+            # A settled reminder of an older purchase says nothing any more: dropped, so that
+            # the same events give the same state in any order (a returned order's, below).
+            if new.reminded.get(category, occurred) != occurred:
+                del new.reminded[category]
         else:
             new.categories[category] = [occurred, count]
     expire(new, policy, now)
@@ -729,7 +752,7 @@ def _apply_refund(
         new.buckets[purchase_day] = [bucket[0] - (1 if whole else 0), bucket[1] - counted]
         new._window = None
     expire(new, policy, now)
-    effects = _settle_returned(new, purchase_day, policy) if whole else ()
+    effects = _settle_returned(new, event_key(event.refund_of), policy) if whole else ()
     # A refund never downgrades at once: it may start the grace period (tier_changes policy).
     return Decision(
         new, notifications=evaluate_tier(new, policy, now, event.cause), effects=effects
@@ -737,17 +760,18 @@ def _apply_refund(
 
 
 def _settle_returned(
-    state: CustomerState, purchase_day: int, policy: Policy
+    state: CustomerState, purchase_key: str, policy: Policy
 ) -> tuple[tuple[str, str], ...]:
     """A returned order's repurchase reminders are cancelled ("buy it again" for what came
-    back). The order is known by its day (the dedup memory keeps no time or categories), so of
-    two orders in a category on one day, returning the earlier cancels the later's reminder."""
+    back): those of the categories whose latest purchase it is (order_tag)."""
     effects: list[tuple[str, str]] = []
+    tag = order_tag(purchase_key)
     for category, entry in state.categories.items():
         bought_at = entry[0]
         if (
-            category in policy.repurchase.categories
-            and bought_at // DAY == purchase_day
+            len(entry) >= 5
+            and entry[4] == tag
+            and category in policy.repurchase.categories
             and state.reminded.get(category) != bought_at
         ):
             state.reminded[category] = bought_at

@@ -26,6 +26,7 @@ from rules.customer import (
     expire,
     new_customer,
     notification_id,
+    order_tag,
     qualifying_tier,
     screen,
     summarize,
@@ -267,7 +268,8 @@ def test_categories_keep_last_time_and_count_in_any_order() -> None:
         purchase("p4", t2, categories=[]),
     ]
     # diapers has a repurchase rule: its reminder's interval (30 days, configured) is kept
-    expected = {"formula": [t3, 3], "diapers": [t1, 1, 30, 0], "toys": [t2, 1]}
+    tag = order_tag(event_key("p1"))  # the order that anchors the diapers reminder
+    expected = {"formula": [t3, 3], "diapers": [t1, 1, 30, 0, tag], "toys": [t2, 1]}
     assert fold(events)[0].categories == expected
     assert fold(list(reversed(events)))[0].categories == expected
 
@@ -1010,13 +1012,17 @@ def test_window_and_lifetime_equal_a_direct_computation(
     assert (state.first_purchase_at, state.last_purchase_at) == (min(times), max(times))
     assert state.latest_event_at == max(times)
     expected_categories: dict[str, list[int]] = {}
-    for event, when in zip(events, times, strict=True):
-        for category in set(event.categories):
-            last, count, *_ = expected_categories.get(category, [when, 0])
-            expected_categories[category] = [max(last, when), count + 1]
-            rule = POLICY.repurchase.categories.get(category)
-            if rule is not None:  # the interval its reminder was scheduled with
-                expected_categories[category] += [rule.interval_days, 0]
+    for category in {c for event in events for c in event.categories}:
+        bought = [
+            (when, order_tag(event_key(event.event_id)))
+            for event, when in zip(events, times, strict=True)
+            if category in event.categories
+        ]
+        last, tag = max(bought)  # the latest purchase anchors the reminder (ties: larger tag)
+        expected_categories[category] = [last, len(bought)]
+        rule = POLICY.repurchase.categories.get(category)
+        if rule is not None:  # the interval its reminder was scheduled with, and its order
+            expected_categories[category] += [rule.interval_days, 0, tag]
     assert state.categories == expected_categories
     summary = summarize(state, POLICY, now)
     assert (summary["frequency"], summary["monetary"]) == (orders, str(from_minor(spend)))

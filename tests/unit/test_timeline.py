@@ -18,7 +18,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memberflow.settings import default_rules_file
-from rules.customer import DAY, CustomerState, Decision, Stage, apply, epoch, iso
+from rules.customer import (
+    DAY,
+    CustomerState,
+    Decision,
+    Stage,
+    apply,
+    epoch,
+    event_key,
+    iso,
+    order_tag,
+)
 from rules.policy import Marketing, Policy, parse_policy
 from rules.timeline import (
     Advance,
@@ -252,6 +262,50 @@ def test_returning_an_older_order_keeps_the_newer_ones_reminder() -> None:
     assert note.cause.id == f"reminder:infant_formula@{later}"
 
 
+def _fold_events(events: Sequence[Purchase | Refund]) -> CustomerState:
+    state: CustomerState | None = None
+    for event in events:
+        when = max(epoch(event.occurred_at), state.latest_event_at if state else 0)  # type: ignore[arg-type]
+        decision = apply(state, event, POLICY, when)
+        assert decision.rejection is None and not decision.duplicate
+        state = decision.state
+    assert state is not None
+    return state
+
+
+def _reminders(state: CustomerState) -> list[tuple[str, int]]:
+    return [
+        (t.key, t.due) for t in pending_timers(state, POLICY) if t.kind == "repurchase_reminder"
+    ]
+
+
+def test_a_returned_order_cancels_only_its_own_reminders_in_any_order() -> None:
+    """The order is known exactly (its tag in the category entry): returning the formula order
+    cancelled that day's diapers reminder too, an order with no items cancelled every reminder
+    of its day, and of two formula orders on one day the result depended on arrival order."""
+    day = T0 - 10 * 3600  # midnight UTC
+    formula = purchase("f1", day + 9 * 3600, [FORMULA], "30")
+    diapers = purchase("d1", day + 15 * 3600, ["diapers"], "20")
+    returned = _refund("r1", "f1", day + 20 * 3600, "30")
+    assert _reminders(_fold_events([formula, diapers, returned])) == [
+        ("reminder:diapers", day + 15 * 3600 + 25 * DAY)
+    ]
+    empty = purchase("e1", day + 9 * 3600, [], "5")
+    kept = _fold_events([empty, diapers, _refund("r2", "e1", day + 20 * 3600, "5")])
+    assert _reminders(kept) == _reminders(_fold_events([empty, diapers]))
+
+    morning = purchase("m1", day + 9 * 3600, [FORMULA], "30")
+    evening = purchase("v1", day + 15 * 3600, [FORMULA], "30")
+    back = _refund("r3", "m1", day + 20 * 3600, "30")
+    one, other = _fold_events([morning, evening, back]), _fold_events([morning, back, evening])
+    assert (one.categories, one.reminded, one.deferred) == (
+        other.categories,
+        other.reminded,
+        other.deferred,
+    )
+    assert _reminders(one) == [("reminder:infant_formula", day + 15 * 3600 + 14 * DAY)]
+
+
 def test_late_older_purchase_in_the_category_moves_nothing() -> None:
     state = first_formula(T0 + 5 * DAY)
     decision = bought(state, purchase("p0", T0))
@@ -319,7 +373,8 @@ def test_a_learned_interval_schedules_the_reminder_and_is_explained() -> None:
     bought_at = purchase("d1", T0, ["diapers"])
     state = apply(None, bought_at, POLICY, T0, learned).state
     assert state is not None
-    assert state.categories["diapers"] == [T0, 1, 20, 1]  # the interval it was scheduled with
+    # the interval it was scheduled with (learned), and its order
+    assert state.categories["diapers"] == [T0, 1, 20, 1, order_tag(event_key("d1"))]
     assert pending_timers(state, POLICY)[0].due == T0 + 15 * DAY  # 20 learned - 5 lead
     (note,) = moved(state, T0 + 15 * DAY).notifications
     assert note.explanation["interval_days"] == 20
