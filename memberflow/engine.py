@@ -35,7 +35,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memberflow.metrics import Metrics
 from memberflow.population import current_snapshot
-from rules.customer import CustomerState, apply, epoch, evaluate_tier, evaluation_time, screen
+from rules.customer import (
+    CustomerState,
+    apply,
+    epoch,
+    evaluate_tier,
+    evaluation_time,
+    freeze_intervals,
+    screen,
+)
 from rules.policy import Policy
 from rules.segments import Snapshot, grade_direction, reclassify
 from rules.timeline import Timer, advance, learned_interval, wake_at
@@ -367,6 +375,8 @@ class Engine:
             if rejection is not None:
                 fold.rejected.append((message, rejection))
         changed = fold.applied > 0 or bool(fold.effects)
+        if changed and fold.state is not None:
+            freeze_intervals(fold.state, self.policy, learned)  # fold.state is its own copy
         if changed and fold.state is not None and cause is not None:
             # fold.state is this fold's own: apply() returned a new state for every applied
             # event, so relabelling it in place touches nothing loaded or shared.
@@ -585,13 +595,14 @@ class Engine:
             # (upgrades at once; a raised bar starts the grace period).
             before = (f.state.tier, f.state.below_since, f.state.policy_version)
             f.state.policy_version = self.policy.version  # evaluated under it from now on
+            frozen = freeze_intervals(f.state, self.policy, learned)
             tier_notes = evaluate_tier(f.state, self.policy, until, cause)
             notes, relabelled = reclassify(f.state, self.policy, snapshot, until, cause)
             retiered = (f.state.tier, f.state.below_since, f.state.policy_version) != before
             self._prepare_write(
                 f,
                 [*moved.notifications, *tier_notes, *notes],
-                changed=moved.changed or relabelled or retiered,
+                changed=moved.changed or relabelled or retiered or frozen,
             )
             return f
 

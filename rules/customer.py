@@ -465,6 +465,20 @@ def interval_for(category: str, policy: Policy, learned: dict[str, int]) -> tupl
     return rule.interval_days, "configured"
 
 
+def freeze_intervals(state: CustomerState, policy: Policy, learned: dict[str, int]) -> bool:
+    """Give the reminders of a state written before they kept their interval (format 1 and 2
+    entries, [time, count]) the interval in force now, in place; True if any changed. The
+    engine calls it on every customer it evaluates, so a learned interval that moves later no
+    longer moves those reminders away from their timer index entry."""
+    changed = False
+    for category, entry in state.categories.items():
+        if len(entry) == 2 and category in policy.repurchase.categories:
+            days, source = interval_for(category, policy, learned)
+            state.categories[category] = [*entry, days, int(source == "learned")]
+            changed = True
+    return changed
+
+
 def apply(
     state: CustomerState | None,
     event: InputEvent,
@@ -525,8 +539,7 @@ def apply(
     for category in event.categories:
         entry = new.categories.get(category)
         if entry is not None and (
-            entry[0] > occurred
-            or (entry[0] == occurred and (len(entry) < 5 or entry[4] >= tag))
+            entry[0] > occurred or (entry[0] == occurred and (len(entry) < 5 or entry[4] >= tag))
         ):
             # An older purchase arriving late (of two at the same second, the larger tag
             # anchors the reminder, whichever came first)

@@ -1370,3 +1370,39 @@ def test_event_clock_a_late_refund_does_not_depend_on_when_the_memory_was_pruned
         return [d.reason.value for _, d in outcome.dead_letters], state.lifetime_orders
 
     assert asyncio.run(scenario()) == (["unknown_purchase"], 1)
+
+
+def test_a_state_written_before_reminders_kept_their_interval_gets_it_when_evaluated() -> None:
+    """Format 2 entries ([time, count]) follow the interval in force. Woken (a new policy
+    version wakes everyone), such a customer is given the interval in force then, and its index
+    entry with it: a learned interval that moves afterwards no longer strands the reminder."""
+
+    async def scenario() -> None:
+        noon = epoch(datetime(2026, 6, 1, 10, 0, tzinfo=UTC))
+        store = MemoryStore()
+        clock = Clock(noon + 5)
+        engine = Engine(store, POLICY, metrics=Metrics(), wall_clock=clock, learn_refresh_s=1e-9)
+        await engine.confirm(await engine.process([shopped(1, "d1", "c1", noon, "diapers")]))
+        stored = await state_of(store, "c1")
+        assert stored.state is not None
+        old = stored.state.copy()
+        old.categories["diapers"] = old.categories["diapers"][:2]  # as format 2 wrote it
+        await store.save([Write("c1", stored.version, old, (), TimerEntry(0, noon + 25 * DAY))])
+        store.timers[0]["c1"] = noon + 25 * DAY
+
+        store.gaps["diapers"] = {20: 40}
+        clock.now = noon + DAY
+        await store.wake([("c1", 0)])
+        woken = await engine.process_due(0)
+        await engine.confirm(woken)
+        state = (await state_of(store, "c1")).state
+        assert state is not None and state.categories["diapers"][2:] == [20, 1]
+        assert store.timers[0]["c1"] == noon + 15 * DAY
+
+        store.gaps["diapers"] = {8: 400}
+        clock.now = noon + 15 * DAY
+        assert reminders(await engine.process_due(0)) == [
+            ("c1", at(noon + 15 * DAY), f"reminder:diapers@{noon}")
+        ]
+
+    asyncio.run(scenario())
