@@ -335,14 +335,18 @@ class Engine:
                 # Before the event's own time only: in wall clock mode `now` is when it is
                 # processed, and a reminder due between a rebuy and its processing (a backlog)
                 # was sent, then made pointless by the rebuy. What falls due between the two
-                # stays indexed as overdue: the next timer poll fires what still stands.
+                # stays indexed as overdue: the next timer poll fires what still stands. The
+                # window and memory expiries in between fire now (a purchase cancels neither,
+                # and the grace period a window expiry starts must start at its own time).
+                wall = self.clock_mode == "wall"
                 moved = (
                     advance(
                         fold.state,
                         self.policy,
-                        min(now, event.at) if self.clock_mode == "wall" else now,
+                        min(now, event.at) if wall else now,
                         learned,
                         self._sends_from(now),
+                        expiries_until=now if wall else None,
                     )
                     if fold.state
                     else None

@@ -41,7 +41,10 @@ _KIND_ORDER = {
     "win_back": 3,
     "repurchase_reminder": 4,
 }
-_MARKETING_ORDER = _KIND_ORDER["win_back"]  # this kind order and later: marketing messages
+_MARKETING_ORDER = _KIND_ORDER["win_back"]
+_EXPIRIES = frozenset(
+    {"window_expiry", "memory_expiry"}
+)  # data leaving, nothing to cancel  # this kind order and later: marketing messages
 MAX_FIRINGS = 10_000  # per advance() call; each firing settles or moves its timer forward
 
 
@@ -235,8 +238,13 @@ def advance(
     now: int,
     learned: dict[str, int] | None = None,
     sends_from: int | None = None,
+    expiries_until: int | None = None,
 ) -> Advance:
     """Fire every timer due at or before `now`, each at its own due time, in due order.
+
+    `expiries_until`: also fire the window and memory expiries due up to then (later than
+    `now`): in wall clock mode a purchase fires its customer's timers up to its own time only,
+    as it may cancel them, but what left the window meanwhile left it whatever the purchase.
 
     `sends_from`: the earliest time a marketing message can really go out (wall clock mode:
     now). A message whose timer fires later than its due time (workers were down; a purchase
@@ -257,8 +265,15 @@ def advance(
     for _ in range(MAX_FIRINGS):
         specs = _specs(current or state, policy, learned)
         first = min(specs) if specs else None
-        if first is None or first[0] > now:
+        if first is None:
             break
+        if first[0] > now:
+            if expiries_until is None:
+                break
+            expiring = [s for s in specs if s[4] in _EXPIRIES and s[0] <= expiries_until]
+            if not expiring:
+                break
+            first = min(expiring)
         if current is None:
             current = state.copy()
             current.policy_version = policy.version

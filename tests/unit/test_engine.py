@@ -1406,3 +1406,31 @@ def test_a_state_written_before_reminders_kept_their_interval_gets_it_when_evalu
         ]
 
     asyncio.run(scenario())
+
+
+def test_wall_clock_a_window_expiry_before_a_late_purchase_starts_the_grace_at_its_time() -> None:
+    """A silver customer's orders leave the window; a small order made an hour before that is
+    processed two days later. The expiry is not the purchase's to cancel: it fires at its own
+    time, so the grace period starts then, not two days late at the processing time."""
+
+    async def scenario() -> None:
+        first = (WALL // DAY - 300) * DAY + 10 * 3600
+        clock = Clock(first)
+        store = MemoryStore()
+        engine = timer_engine(store, clock)
+        await engine.confirm(
+            await engine.process(
+                [bought(1, "a", "c1", first, "200"), bought(2, "b", "c1", first + 1, "200")]
+            )
+        )
+        clock.now = first + 100 * DAY
+        await engine.confirm(await engine.process([bought(3, "c", "c1", first + 100 * DAY, "5")]))
+        expiry = (first // DAY + 365) * DAY
+        clock.now = expiry + 2 * DAY
+        late = await engine.process([bought(4, "d", "c1", expiry - 3600, "5")])
+        await engine.confirm(late)
+        state = (await state_of(store, "c1")).state
+        assert state is not None
+        assert (state.tier, state.below_since) == ("silver", expiry)
+
+    asyncio.run(scenario())
