@@ -123,6 +123,7 @@ class BatchOutcome:
     duplicates: int = 0
     timers_fired: int = 0
     more_due: bool = False  # process_due stopped at its limit
+    snapshot_version: int = 0  # the population snapshot the batch labelled with (0: none)
 
 
 @dataclass(slots=True)
@@ -265,6 +266,7 @@ class Engine:
                 self.current_snapshot(),
                 self.retry("load", partial(self.store.load, customers)),
             )
+            outcome.snapshot_version = snapshot.version if snapshot else 0
         learned = await self.learned_intervals()
 
         def fold(stored: Stored) -> _Fold:
@@ -577,6 +579,7 @@ class Engine:
         outcome.more_due = len(due) == limit
         learned = await self.learned_intervals()
         snapshot = await self.current_snapshot()
+        outcome.snapshot_version = snapshot.version if snapshot else 0
         # customer -> the version found with no timer left: unindexed only while still at it
         vanished: dict[str, int] = {}
 
@@ -666,6 +669,15 @@ class Engine:
             await self.retry("contribute", partial(self.store.contribute, outcome.contributions))
         versions = {**outcome.gap_versions, **outcome.outbox_versions}
         await self.retry("confirm", partial(self.store.confirm, versions, outcome.timers))
+        if outcome.timers:
+            published = await self.retry("snapshot", self.store.snapshot_version)
+            if published != outcome.snapshot_version:
+                # A snapshot published while this batch was in flight: its wake-ups missed
+                # these customers (the statistics still held their old values) or were just
+                # overwritten by their exact due times above, so they kept labels of the old
+                # snapshot until something else woke them. Woken again, they are relabelled.
+                entries = [(cid, entry.shard) for cid, entry in outcome.timers.items()]
+                await self.retry("wake", partial(self.store.wake, entries))
         for customer_id, version in outcome.outbox_versions.items():
             if self._handed.get(customer_id) == version:  # else a newer outbox is out
                 del self._handed[customer_id]

@@ -1434,3 +1434,56 @@ def test_wall_clock_a_window_expiry_before_a_late_purchase_starts_the_grace_at_i
         assert (state.tier, state.below_since) == ("silver", expiry)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("first", "second"), [("30", "5"), ("5", "25")])
+def test_a_snapshot_published_while_a_batch_is_in_flight_still_relabels_its_customers(
+    first: str, second: str
+) -> None:
+    """Another worker publishes a snapshot between this batch's state write and its confirm.
+    Its wake-up of the customer was overwritten by the confirm's exact due time, or it never
+    woke the customer (the statistics still held its old value): the customer kept a label of
+    the old snapshot, for good. The confirm now wakes the batch's customers again."""
+    from memberflow.population import publish
+    from rules.segments import classify, customer_values
+
+    class PublishingMidBatch(MemoryStore):
+        publish_on_save = False
+
+        async def save(self, writes: Sequence[Write]) -> dict[str, int | None]:
+            result = await super().save(writes)
+            if self.publish_on_save:
+                self.publish_on_save = False
+                await publish(self, POLICY, WALL)
+            return result
+
+    async def scenario() -> None:
+        store = PublishingMidBatch()
+        engine = make_engine(store)
+
+        async def run(batch: list[RawMessage]) -> None:
+            await engine.confirm(await engine.process(batch))
+
+        async def drain() -> None:
+            while await store.due(0, WALL, 1):
+                await engine.confirm(await engine.process_due(0))
+
+        t = WALL - 5 * DAY
+        others = [
+            bought(100 + i, f"p{i}", f"P{i}", t - i * DAY, str(5 + i % 7 * 5)) for i in range(60)
+        ]
+        await run([bought(1, "a1", "A", t, "10"), bought(3, "x1", "X", t, first), *others])
+        await publish(store, POLICY, WALL)
+        await drain()
+        await run([bought(4 + i, f"y{i}", f"Y{i}", t, "100") for i in range(30)])
+        store.publish_on_save = True
+        await run([bought(50, "x2", "X", t, second)])
+        await drain()
+        latest = await publish(store, POLICY, WALL)
+        await drain()
+        state = (await state_of(store, "X")).state
+        assert state is not None and state.segment is not None
+        should = classify(customer_values(state, POLICY, WALL), latest, POLICY)
+        assert (state.segment[0], state.segment[2]) == (should.rfm_type, should.grade)
+
+    asyncio.run(scenario())
