@@ -603,8 +603,14 @@ class Engine:
             before = (f.state.tier, f.state.below_since, f.state.policy_version)
             f.state.policy_version = self.policy.version  # evaluated under it from now on
             frozen = freeze_intervals(f.state, self.policy, learned)
-            tier_notes = evaluate_tier(f.state, self.policy, until, cause)
-            notes, relabelled = reclassify(f.state, self.policy, snapshot, until, cause)
+            # Judged at its own latest event when that is past `until` (event mode: the
+            # shard's clock less the lateness): at `until`, a purchase made after it on the
+            # next day was outside the window, and the customer was relabelled and counted
+            # in the statistics without it.
+            judged = max(until, f.state.latest_event_at or 0)
+            f.now = judged
+            tier_notes = evaluate_tier(f.state, self.policy, judged, cause)
+            notes, relabelled = reclassify(f.state, self.policy, snapshot, judged, cause)
             retiered = (f.state.tier, f.state.below_since, f.state.policy_version) != before
             self._prepare_write(
                 f,

@@ -427,10 +427,13 @@ def evaluation_time(
 ) -> int:
     """The `now` an event is judged at. In `event` mode it is this customer's own latest event
     time, so the result does not depend on how other customers' events were batched or
-    partitioned (1 worker and 3 workers give identical results)."""
-    if clock_mode == "wall":
-        return wall_now
+    partitioned (1 worker and 3 workers give identical results). In `wall` mode the wall
+    clock, or the customer's latest event when that is ahead of it (screen() accepts events
+    up to `max_future_skew_minutes` ahead): judged before it, a purchase stamped a few minutes
+    past midnight was outside the window (tomorrow's bucket), so no upgrade, no statistics."""
     latest = state.latest_event_at if state and state.latest_event_at is not None else 0
+    if clock_mode == "wall":
+        return max(wall_now, latest, event.at)
     return max(latest, event.at)
 
 

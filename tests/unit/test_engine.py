@@ -1487,3 +1487,57 @@ def test_a_snapshot_published_while_a_batch_is_in_flight_still_relabels_its_cust
         assert (state.segment[0], state.segment[2]) == (should.rfm_type, should.grade)
 
     asyncio.run(scenario())
+
+
+def test_a_woken_customer_is_counted_with_its_own_latest_purchase() -> None:
+    """Event mode: timers fire up to the shard's clock less the lateness. A customer woken by a
+    first snapshot had its purchase of 00:10 (the next day after that time) left out of its
+    window: relabelled and counted in the statistics without it (f 1, m 50 EUR instead of 2
+    and 450), which moved every customer's M flag."""
+    from memberflow.population import publish
+
+    midnight = epoch(datetime(2026, 6, 2, 0, 0, tzinfo=UTC))
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        engine = Engine(
+            store,
+            POLICY,
+            clock_mode="event",
+            metrics=Metrics(),
+            wall_clock=lambda: midnight + 30 * DAY,
+            timer_lateness_s=3600,
+        )
+        batch = [bought(i, f"e{i}", f"C{i}", midnight - (i + 1) * DAY, "50") for i in range(4)]
+        batch += [
+            bought(10, "x1", "X", midnight - 10 * DAY, "50"),
+            bought(11, "x2", "X", midnight + 600, "400"),
+        ]
+        await engine.confirm(await engine.process(batch))
+        await publish(store, POLICY, midnight + 600)  # a first snapshot: everyone woken
+        await engine.confirm(await engine.process_due(0))
+        counted = store.contributions["X"]
+        assert (counted.f, counted.m) == (2, 45000)
+
+    asyncio.run(scenario())
+
+
+def test_wall_clock_a_purchase_stamped_just_past_midnight_counts_at_once() -> None:
+    """Five minutes before midnight, a purchase stamped three minutes after it (accepted: less
+    than max_future_skew_minutes ahead). Judged at the wall clock, its bucket (tomorrow's) was
+    outside the window: no tier change, statistics without it, and nothing woke it later."""
+    midnight = epoch(datetime(2026, 6, 2, 0, 0, tzinfo=UTC))
+
+    async def scenario() -> None:
+        store = MemoryStore()
+        engine = Engine(store, POLICY, metrics=Metrics(), wall_clock=lambda: midnight - 300)
+        outcome = await engine.process(
+            [bought(1, "x1", "X", midnight + 180, "400"), bought(2, "x0", "X", midnight - 900)]
+        )
+        await engine.confirm(outcome)
+        counted = store.contributions["X"]
+        assert (counted.f, counted.m) == (2, 41000)
+        state = (await state_of(store, "X")).state
+        assert state is not None and state.tier == "silver"  # 410 EUR in 2 orders
+
+    asyncio.run(scenario())
