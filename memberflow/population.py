@@ -87,7 +87,16 @@ async def publish(
         new = await compute_snapshot(store, (old.version if old else 0) + 1, now)
         if new is None or not await store.publish_snapshot(new.version, new.model_dump_json()):
             return None
+        # The previous publish stored its snapshot but did not finish its wake-ups (an error,
+        # a crash): the ranges it did not wake are unknown now (only the current snapshot is
+        # kept), so everyone is woken, as for a first snapshot. Without this they were lost:
+        # the next publish woke only what changed from the stored, half-woken snapshot.
+        finished = await store.snapshot_woken()
+        if old is not None and finished is not None and finished < old.version:
+            log.warning("snapshot v%d's wake-ups did not finish: waking everyone", old.version)
+            old = None
         woken = await _wake_changed(store, policy, old, new)
+        await store.set_snapshot_woken(new.version)
     finally:
         await store.unlock()
     log.info(

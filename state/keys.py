@@ -60,6 +60,11 @@ def snapshot_version() -> str:
     return f"{PREFIX}:{{snap}}:version"
 
 
+def snapshot_woken() -> str:
+    """The snapshot version whose relabelling wake-ups all went out (absent: not recorded)."""
+    return f"{PREFIX}:{{snap}}:woken"
+
+
 def snapshot_lock() -> str:
     """Held by the worker publishing a snapshot, so that only one does per interval."""
     return f"{PREFIX}:{{snap}}:lock"

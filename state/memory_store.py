@@ -18,6 +18,7 @@ class MemoryStore:
         self.gaps: dict[str, dict[int, int]] = {}
         self.contributions: dict[str, Contribution] = {}
         self._snapshot: tuple[int, str] | None = None
+        self._snapshot_woken: int | None = None
         self._policy_version: str | None = None
         self._superseded: set[str] = set()
 
@@ -150,6 +151,12 @@ class MemoryStore:
 
     async def snapshot_version(self) -> int:
         return self._snapshot[0] if self._snapshot else 0
+
+    async def snapshot_woken(self) -> int | None:
+        return self._snapshot_woken
+
+    async def set_snapshot_woken(self, version: int) -> None:
+        self._snapshot_woken = version
 
     async def unclassified(self) -> AsyncIterator[list[tuple[str, int]]]:
         found = sorted(

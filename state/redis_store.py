@@ -769,6 +769,13 @@ class RedisStore:
         raw = await self.client.get(keys.snapshot_version())
         return int(raw) if raw is not None else 0
 
+    async def snapshot_woken(self) -> int | None:
+        raw = await self.client.get(keys.snapshot_woken())
+        return int(raw) if raw is not None else None
+
+    async def set_snapshot_woken(self, version: int) -> None:
+        await self.client.set(keys.snapshot_woken(), version)
+
     async def unclassified(self) -> AsyncIterator[list[tuple[str, int]]]:
         for shard in range(self.stats_shards):
             page: list[str] = []

@@ -163,6 +163,14 @@ class Store(Protocol):
         """The current snapshot's version (0: none), cheap enough to read every batch."""
         ...
 
+    async def snapshot_woken(self) -> int | None:
+        """The snapshot version whose wake-ups were all sent (None: never recorded)."""
+        ...
+
+    async def set_snapshot_woken(self, version: int) -> None:
+        """Record that the wake-ups of snapshot `version` were all sent."""
+        ...
+
     def unclassified(self) -> AsyncIterator[list[tuple[str, int]]]:
         """(customer, partition) of customers not yet classified against any snapshot, in
         pages."""

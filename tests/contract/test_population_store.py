@@ -275,6 +275,15 @@ def test_publish_snapshot_only_moves_forward(make_store: StoreFactory) -> None:
     run(make_store, body)
 
 
+def test_the_snapshot_whose_wake_ups_finished_is_recorded(make_store: StoreFactory) -> None:
+    async def body(store: Store) -> None:
+        assert await store.snapshot_woken() is None
+        await store.set_snapshot_woken(3)
+        assert await store.snapshot_woken() == 3
+
+    run(make_store, body)
+
+
 def test_a_policy_version_replaced_is_superseded_and_never_adopted_back(
     make_store: StoreFactory,
 ) -> None:

@@ -1541,3 +1541,62 @@ def test_wall_clock_a_purchase_stamped_just_past_midnight_counts_at_once() -> No
         assert state is not None and state.tier == "silver"  # 410 EUR in 2 orders
 
     asyncio.run(scenario())
+
+
+def test_wake_ups_a_failed_publish_did_not_send_are_sent_by_the_next() -> None:
+    """The snapshot is stored before its wake-ups go out; a Redis error among them (the agent
+    retries the whole publish) left the rest unsent for good: the retry woke only what changed
+    from the stored, half-woken snapshot. Now the next publish sees the wake-ups unfinished and
+    wakes everyone."""
+    from functools import partial
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from memberflow.population import publish
+    from rules.segments import classify, customer_values
+
+    class FailingOnce(MemoryStore):
+        fail = False
+
+        async def wake(self, entries: Sequence[tuple[str, int]]) -> None:
+            if self.fail:
+                self.fail = False
+                raise RedisConnectionError("connection reset during the wake-ups")
+            await super().wake(entries)
+
+    async def scenario() -> None:
+        store = FailingOnce()
+        engine = make_engine(store)
+        engine.max_backoff_s = 0.01
+
+        async def drain() -> None:
+            while await store.due(0, WALL, 1):
+                await engine.confirm(await engine.process_due(0))
+
+        t = WALL - 5 * DAY
+        batch = [
+            bought(i, f"p{i}", f"P{i}", t - i * DAY, str(10 + 10 * (i % 5))) for i in range(20)
+        ]
+        await engine.confirm(await engine.process(batch))
+        await publish(store, POLICY, WALL)
+        await drain()
+        more = [bought(100 + i, f"y{i}", f"Y{i}", t, "200") for i in range(10)]
+        await engine.confirm(await engine.process(more))
+        store.fail = True
+        await engine.retry("publish", partial(publish, store, POLICY, WALL))  # as the agent does
+        await drain()
+        latest = await publish(store, POLICY, WALL)
+        assert latest is not None
+        await drain()
+        wrong = []
+        async for stored in store.scan():
+            assert stored.state is not None and stored.state.segment is not None
+            should = classify(customer_values(stored.state, POLICY, WALL), latest, POLICY)
+            if (stored.state.segment[0], stored.state.segment[2]) != (
+                should.rfm_type,
+                should.grade,
+            ):
+                wrong.append(stored.customer_id)
+        assert wrong == []
+
+    asyncio.run(scenario())
