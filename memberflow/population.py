@@ -51,11 +51,20 @@ async def compute_snapshot(store: Store, version: int, published_at: int) -> Sna
     cuts = {d: await _cut_points(store, d, count) for d in DIMENSIONS}
     mean_scores = {}
     for dimension in DIMENSIONS:
-        at_most = await store.count_at_most(dimension, list(cuts[dimension]))
+        # The total in the same read as the counts below the cut points: other workers keep
+        # contributing while a snapshot is computed, and counts of two moments mixed gave a
+        # mean score of -13 (score_mean then flagged every customer's R high).
+        *at_most, total = await store.count_at_most(
+            dimension, [*cuts[dimension], _UPPER[dimension]]
+        )
+        if total == 0:
+            mean_scores[dimension] = 1.0
+            continue
         # customers with score k: above k-1 cut points and not above the k-th
-        bounds = [0, *at_most, count]
+        bounds = [0, *at_most, total]
         per_score = [bounds[k] - bounds[k - 1] for k in range(1, 6)]
-        mean_scores[dimension] = sum((k + 1) * n for k, n in enumerate(per_score)) / count
+        mean = sum((k + 1) * n for k, n in enumerate(per_score)) / total
+        mean_scores[dimension] = min(5.0, max(1.0, mean))
     return Snapshot(
         version=version,
         published_at=published_at,

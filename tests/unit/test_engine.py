@@ -1600,3 +1600,34 @@ def test_wake_ups_a_failed_publish_did_not_send_are_sent_by_the_next() -> None:
         assert wrong == []
 
     asyncio.run(scenario())
+
+
+def test_a_snapshot_computed_while_customers_arrive_keeps_its_mean_scores_in_range() -> None:
+    """Forty contributions land while a snapshot is computed: the score counts and the total
+    came from different moments, and the mean R score came out at -13."""
+    from memberflow.population import compute_snapshot
+    from state.store import Contribution
+
+    def contribution(cid: str, r: int, f: int, m: int) -> Contribution:
+        return Contribution(cid, 1, 0, r, f, m, "member", "", "", "new")
+
+    class Busy(MemoryStore):
+        arrived = False
+
+        async def count_at_most(self, dimension: str, values: Sequence[int]) -> list[int]:
+            if not self.arrived and dimension == "f":
+                self.arrived = True
+                late = [contribution(f"N{i}", 1_600_000_000 + i, 9, 9_000) for i in range(40)]
+                await self.contribute(late)
+            return await super().count_at_most(dimension, values)
+
+    async def scenario() -> None:
+        store = Busy()
+        await store.contribute(
+            [contribution(f"C{i}", 1_700_000_000 + i, 1 + i % 3, 1_000 * i) for i in range(10)]
+        )
+        snapshot = await compute_snapshot(store, 1, 0)
+        assert snapshot is not None
+        assert all(1 <= score <= 5 for score in snapshot.mean_scores.values()), snapshot
+
+    asyncio.run(scenario())
