@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -86,6 +87,12 @@ def scheduled_interval(
 _Spec = tuple[int, int, bool, str, str, int]
 
 
+@cache
+def _forget_after(max_age: int) -> int:
+    """Days from an event to the prune that forgets it (Seen.prune's slack, the day after)."""
+    return max_age + dedup_slack_days(max_age) + 1
+
+
 def _specs(state: CustomerState, policy: Policy, learned: dict[str, int]) -> list[_Spec]:
     """The customer's timers as plain tuples: the hot path asks for them several times per
     event (is anything due? when is the next one?) and never shows them."""
@@ -99,9 +106,8 @@ def _specs(state: CustomerState, policy: Policy, learned: dict[str, int]) -> lis
     if remembered is not None:
         # The dedup memory is pruned when an event is applied; a customer who stopped buying
         # kept every event id forever (about 24 B each) without this timer.
-        max_age = policy.input.max_event_age_days
-        forget_day = remembered + max_age + dedup_slack_days(max_age) + 1
-        specs.append((forget_day * DAY, 0, False, "memory", "memory_expiry", remembered))
+        forget = (remembered + _forget_after(policy.input.max_event_age_days)) * DAY
+        specs.append((forget, 0, False, "memory", "memory_expiry", remembered))
     below = state.below_since
     if below is not None:
         downgrade_at = downgrade_due(state, policy)
