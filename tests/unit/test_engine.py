@@ -1246,6 +1246,16 @@ def test_a_superseded_worker_indexes_what_it_writes_as_due_now() -> None:
     asyncio.run(scenario())
 
 
+async def _formula_bought_at_noon() -> tuple[MemoryStore, Clock, Engine, int]:
+    """A wall clock engine whose customer c1 bought infant formula at 12:00 in Berlin."""
+    noon = epoch(datetime(2026, 6, 1, 10, 0, tzinfo=UTC))
+    store = MemoryStore()
+    clock = Clock(noon + 5)
+    engine = timer_engine(store, clock)
+    await engine.confirm(await engine.process([shopped(1, "f1", "c1", noon)]))
+    return store, clock, engine, noon
+
+
 def test_wall_clock_a_purchase_processed_late_is_not_preceded_by_timers_due_after_it() -> None:
     """A backlog: a formula rebuy made a minute before its reminder was due is processed 30 s
     after that due time. Timers ran up to the processing time first, so the 20 %-off reminder
@@ -1253,11 +1263,7 @@ def test_wall_clock_a_purchase_processed_late_is_not_preceded_by_timers_due_afte
     the at-risk time, processed after it, gave 'active -> at_risk -> active'."""
 
     async def scenario() -> None:
-        noon = epoch(datetime(2026, 6, 1, 10, 0, tzinfo=UTC))  # 12:00 in Berlin
-        store = MemoryStore()
-        clock = Clock(noon + 5)
-        engine = timer_engine(store, clock)
-        await engine.confirm(await engine.process([shopped(1, "f1", "c1", noon)]))
+        store, clock, engine, noon = await _formula_bought_at_noon()
         due = noon + FORMULA_DUE
         clock.now = due + 30
         late = await engine.process([shopped(2, "f2", "c1", due - 60)])
@@ -1286,11 +1292,7 @@ def test_wall_clock_timers_left_overdue_by_a_late_purchase_fire_at_the_next_poll
     not lost: the customer is indexed as due, and the next poll fires it."""
 
     async def scenario() -> None:
-        noon = epoch(datetime(2026, 6, 1, 10, 0, tzinfo=UTC))
-        store = MemoryStore()
-        clock = Clock(noon + 5)
-        engine = timer_engine(store, clock)
-        await engine.confirm(await engine.process([shopped(1, "f1", "c1", noon)]))
+        store, clock, engine, noon = await _formula_bought_at_noon()
         due = noon + FORMULA_DUE
         clock.now = due + 30
         # A toys purchase made before the formula reminder's due time: it does not cancel it.
