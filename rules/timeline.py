@@ -42,10 +42,9 @@ _KIND_ORDER = {
     "win_back": 3,
     "repurchase_reminder": 4,
 }
-_MARKETING_ORDER = _KIND_ORDER["win_back"]
-_EXPIRIES = frozenset(
-    {"window_expiry", "memory_expiry"}
-)  # data leaving, nothing to cancel  # this kind order and later: marketing messages
+_MARKETING_ORDER = _KIND_ORDER["win_back"]  # this kind order and later: marketing messages
+# Data leaving its window or the duplicate check: nothing a purchase could cancel.
+_EXPIRIES = frozenset({"window_expiry", "memory_expiry"})
 MAX_FIRINGS = 10_000  # per advance() call; each firing settles or moves its timer forward
 
 
@@ -424,11 +423,11 @@ def _marketing(
         state.deferred[timer.key] = [timer.anchor, allowed]
         return f"deferred_{gate}", None
     settle()
-    # Deferred: a gate held it (now or at an earlier firing). A message that merely fires
-    # late (a poll a second after its due time, workers that were down) was not deferred:
-    # sent_at against scheduled_for shows that.
+    # Deferred: a gate held it past its schedule (now or at an earlier firing). A message that
+    # merely fires late (a poll a second after its due time, workers that were down) was not
+    # deferred, nor one whose deferral a later due time (a new policy) overtook: sent_at
+    # against scheduled_for shows lateness.
     held = state.deferred.pop(timer.key, None)
-    # Past its schedule: a deferral that a later due time (a new policy) overtook held nothing.
     deferred = held is not None and held[0] == timer.anchor and held[1] > scheduled
     state.marketing_sent = sorted([*state.marketing_sent, at])[-policy.marketing.max_messages :]
     valid_until = at + promotion.valid_days * DAY
