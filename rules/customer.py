@@ -619,15 +619,16 @@ def _stage_after_purchase(
 ) -> tuple[Notification, ...]:
     """Event-driven lifecycle steps: first purchase -> new, repeat -> active, a purchase after
     being at risk -> active, after churn -> reactivated. A late purchase older than the latest
-    one changes counts, not the stage: in event time the customer was still lapsed."""
+    one changes counts, not the stage: in event time the customer was still lapsed.
+    A repeat purchase is any purchase after the first, returned orders included (a return is
+    still a visit, as it is for recency): counting only orders kept made the stage depend on
+    whether a returned order's refund arrived before the second purchase or after it."""
     before = Stage(state.stage)
     newer = previous_last is None or occurred > previous_last
     after = before
     if before is Stage.POTENTIAL:
         after = Stage.NEW
-    elif (before is Stage.NEW and state.lifetime_orders >= 2) or (
-        before is Stage.AT_RISK and newer
-    ):
+    elif (before is Stage.NEW and previous_last is not None) or (before is Stage.AT_RISK and newer):
         after = Stage.ACTIVE
     elif before is Stage.CHURNED and newer:
         after = Stage.REACTIVATED

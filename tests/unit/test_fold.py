@@ -513,6 +513,19 @@ def test_refund_does_not_downgrade_or_notify() -> None:
     assert decision.state.window(NOW, POLICY.window_days) == (1, 20000)
 
 
+def test_a_returned_order_leaves_the_same_stage_whenever_its_refund_arrives() -> None:
+    """A returned order still was a visit (it stays the latest purchase for recency), so the
+    second purchase makes the customer a repeat buyer whether the first order's refund came
+    before it or after it: the same events give the same stage in either order."""
+    first, second = purchase("p1", NOW - 3 * DAY), purchase("p2", NOW - DAY)
+    returned = refund("r1", "p1", NOW - 2 * DAY, "10.00")
+    after, _ = fold([first, second, returned])
+    before, _ = fold([first, returned, second])
+    assert (after.lifetime_orders, before.lifetime_orders) == (1, 1)
+    assert (after.stage, before.stage) == ("active", "active")
+    assert after == before
+
+
 # -- screen ----------------------------------------------------------------------------------
 
 
