@@ -21,9 +21,11 @@ from functools import partial
 from typing import Literal, TypeVar
 
 from redis.exceptions import (
+    AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
+    NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
@@ -82,9 +84,18 @@ TRANSIENT = (
 )
 # Redis up but refusing the work until an operator (or a failover) mends it: memory full,
 # a replica or a master without its replicas, writes stopped after a failed save, a script
-# busy past its time limit. Retried with backoff like the transient ones (dying instead
-# made a restart loop whose errors no scrape ever saw), but counted as errors: critical.
-REFUSALS = (OutOfMemoryError, ReadOnlyError, MasterDownError)
+# busy past its time limit, a password or ACL that no longer lets this worker in. Retried
+# with backoff like the transient ones (dying instead made a restart loop whose errors no
+# scrape ever saw), but counted as errors: critical. Checked before TRANSIENT, which the
+# authentication and master-down errors also are (subclasses of connection and cluster
+# errors): they were retried as a warning forever.
+REFUSALS = (
+    OutOfMemoryError,
+    ReadOnlyError,
+    MasterDownError,
+    AuthenticationError,
+    NoPermissionError,
+)
 REFUSAL_PREFIXES = ("MISCONF", "NOREPLICAS", "BUSY ")
 
 
@@ -208,17 +219,21 @@ class Engine:
                 result = await call()
                 self.metrics.redis_seconds.labels(operation).observe(time.perf_counter() - started)
                 return result
-            except TRANSIENT as exc:  # the connection: a warning (MemberflowRedisRetries)
-                self.metrics.redis_retries.labels(operation).inc()
-                log.warning("redis %s failed (%s); retrying in %.2fs", operation, exc, delay)
-            except RedisError as exc:
-                # Counted for the critical MemberflowRedisErrors alert either way. A refusal
-                # waits for Redis to be mended; anything else (auth, a script error) is not
-                # mended by waiting: the batch fails unacked and the worker restarts it.
-                self.metrics.redis_errors.labels(operation).inc()
-                if not refused(exc):
+            except (RedisError, OSError) as exc:
+                if isinstance(exc, RedisError) and refused(exc):
+                    # Critical (MemberflowRedisErrors): waits for Redis to be mended.
+                    self.metrics.redis_errors.labels(operation).inc()
+                    log.error("redis %s refused (%s); retrying in %.2fs", operation, exc, delay)
+                elif isinstance(exc, TRANSIENT):
+                    # The connection: a warning (MemberflowRedisRetries).
+                    self.metrics.redis_retries.labels(operation).inc()
+                    log.warning("redis %s failed (%s); retrying in %.2fs", operation, exc, delay)
+                else:
+                    # Not mended by waiting (a script error): the batch fails unacked and the
+                    # worker stops; its supervisor restarts it (MemberflowWorkerRestarting:
+                    # this count dies with the process before a scrape can see it).
+                    self.metrics.redis_errors.labels(operation).inc()
                     raise
-                log.error("redis %s refused (%s); retrying in %.2fs", operation, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.max_backoff_s)
 

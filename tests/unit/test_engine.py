@@ -10,7 +10,15 @@ from decimal import Decimal
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    MasterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from memberflow.engine import MAX_CONFLICT_ROUNDS, BatchOutcome, ClockMode, Engine, RawMessage
 from memberflow.metrics import Metrics
@@ -598,7 +606,7 @@ def test_transient_store_errors_are_retried() -> None:
 class RefusingStore(MemoryStore):
     """A Redis that answers the first `refusals` saves with `error`."""
 
-    def __init__(self, error: ResponseError, refusals: int = 1_000_000) -> None:
+    def __init__(self, error: RedisError, refusals: int = 1_000_000) -> None:
         super().__init__()
         self.error, self.refusals = error, refusals
 
@@ -616,13 +624,18 @@ class RefusingStore(MemoryStore):
         ReadOnlyError("You can't write against a read only replica."),
         ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently"),
         ResponseError("BUSY Redis is busy running a script."),
+        MasterDownError("MASTERDOWN Link with MASTER is down and replica-serve-stale-data..."),
+        AuthenticationError("invalid username-password pair or user is disabled."),
+        NoPermissionError("this user has no permissions to run the 'evalsha' command"),
     ],
-    ids=["oom", "readonly", "misconf", "busy"],
+    ids=["oom", "readonly", "misconf", "busy", "masterdown", "auth", "acl"],
 )
-def test_a_redis_that_refuses_is_waited_for_and_counted_as_errors(error: ResponseError) -> None:
-    """Memory full, a replica, writes stopped: the worker waits (nothing acked) until Redis
-    is mended, counted for the critical MemberflowRedisErrors alert. It used to die at once,
-    and under a supervisor restart and die again before any scrape saw the errors."""
+def test_a_redis_that_refuses_is_waited_for_and_counted_as_errors(error: RedisError) -> None:
+    """Memory full, a replica, writes stopped, a password or ACL that no longer lets the
+    worker in: the worker waits (nothing acked) until Redis is mended, counted for the
+    critical MemberflowRedisErrors alert. It used to die at once, and under a supervisor
+    restart and die again before any scrape saw the errors; the authentication and
+    master-down errors, being connection and cluster errors too, counted as mere retries."""
 
     async def scenario() -> None:
         store = RefusingStore(error, refusals=3)
