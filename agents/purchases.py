@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -54,20 +54,37 @@ def register(app: faust.App, runtime: Runtime) -> None:
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:
-        # From the consumer's own high-water marks: no broker round trip per scrape.
         owned = {tp for tp in app.consumer.assignment() if tp.topic == settings.purchases_topic}
+        ends: Mapping[faust.types.TP, int | None] = {}
+        if owned:
+            try:
+                # The broker's end offsets (one small request every 5 s). The consumer's own
+                # high-water marks only move when a fetch returns, and a stalled worker stops
+                # fetching once its buffers are full: its lag froze there while the backlog
+                # grew, so the lag alert never fired for exactly the stuck worker it is for.
+                ends = await asyncio.wait_for(app.consumer.highwaters(*owned), timeout=4.0)
+            except Exception as exc:  # the broker unreachable: the consumer's last figures
+                log.debug("end offsets unavailable (%s); using the fetched high water", exc)
+                ends = {tp: app.consumer.highwater(tp) for tp in owned}
         for tp in owned:
-            highwater = app.consumer.highwater(tp)
+            highwater = ends.get(tp)
             if highwater is None:
                 continue
             if tp in positions:
                 lag = highwater - positions[tp] - 1
             else:
                 # Nothing processed here yet (a worker stuck on its first batch must show its
-                # lag too): from the committed offset Faust read when the partition came.
+                # lag too): from the committed offset Faust read when the partition came, or,
+                # in a group that never committed, from where it starts reading (earliest).
                 committed = getattr(app.consumer, "_committed_offset", {}).get(tp)
                 if committed is None:
-                    continue
+                    try:
+                        earliest = await app.consumer.earliest_offsets(tp)
+                    except Exception:  # the broker unreachable: reported next time
+                        continue
+                    committed = earliest.get(tp)
+                    if committed is None:
+                        continue
                 lag = highwater - committed
             runtime.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, lag))
             reported.add(tp.partition)

@@ -51,8 +51,9 @@ class Metrics:
         self.redis_errors = Counter(
             "memberflow_redis_errors_total",
             "Redis operations refused or failed (not connection trouble: see retries): "
-            "OOM, READONLY, MISCONF, BUSY are retried until Redis is mended; others fail the "
-            "batch, unacked, and the worker restarts it.",
+            "OOM, READONLY, MISCONF, BUSY, MASTERDOWN, authentication and ACL refusals are "
+            "retried until Redis is mended; others fail the batch, unacked, and the worker "
+            "restarts it.",
             ["operation"],
             registry=r,
         )
@@ -63,7 +64,8 @@ class Metrics:
         )
         self.consumer_lag = Gauge(
             "memberflow_consumer_lag_events",
-            "Events in a partition not yet processed by this worker (high water - position).",
+            "Events in a partition not yet processed by this worker (the broker's end offset - "
+            "position), every 5 s.",
             ["partition"],
             registry=r,
         )

@@ -33,11 +33,14 @@ from tests.faults.harness import (
     feeding,
     make_workload,
     metric_sum,
+    publish_all,
     retries,
     seeded_rng,
     settle,
     tick,
     verify,
+    wait_drained,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -133,3 +136,51 @@ def test_redis_refusing_writes_under_load_is_waited_for(
     )
     report.notes.append(f"{refused:.0f} refused operations while memory was full")
     print(report.summary())
+
+
+@pytest.mark.timeout(180)
+def test_a_stalled_worker_exports_its_whole_backlog_as_lag(
+    tmp_path: Path,
+    broker: LocalBroker,
+    aof_redis: LocalRedis,
+    make_env: Callable[..., dict[str, str]],
+    make_worker: Callable[..., WorkerProcess],
+) -> None:
+    """Redis refusing every write stalls the worker; the lag it exports must grow with the
+    backlog. Taken from the consumer's own high-water marks it froze once the worker's buffers
+    were full (the consumer stops fetching then, so the marks stop moving): the second burst
+    below never showed, and the lag alert never fired for the stuck worker it is for."""
+    import redis
+
+    records = make_workload(tmp_path, customers=1000, days=420, seed=17).records
+    warm, first, second = records[:1000], records[1000:6000], records[6000:]
+    assert len(second) > len(first) > 4096  # the first fills Faust's buffer (4096 events)
+    worker = make_worker(make_env(MEMBERFLOW_TIMER_LATENESS_S=str(LATENESS_S)))
+    worker.start()
+    publish_all(broker.bootstrap, warm)
+    wait_drained(broker, len(warm), [worker])
+    admin = redis.Redis.from_url(aof_redis.url)
+    try:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", str(int(admin.info("memory")["used_memory"])))
+        publish_all(broker.bootstrap, first)
+        time.sleep(6.0)  # fetched into the worker's buffers, which are then full
+        publish_all(broker.bootstrap, second)
+        backlog = len(first) + len(second)
+        # Bad lines only need the broker, so a batch of them may still go through: not all of
+        # the backlog is necessarily stuck, but nearly all of it is.
+        lag = wait_for(
+            f"exported lag near the backlog of {backlog}",
+            lambda: (
+                (lag := metric_sum(worker, "memberflow_consumer_lag_events")) >= 0.95 * backlog
+                and lag
+            ),
+            timeout=20,
+        )
+        assert metric_sum(worker, "memberflow_redis_errors_total") > 0
+        alive([worker])
+        admin.config_set("maxmemory", "0")
+    finally:
+        admin.close()
+    wait_drained(broker, len(records), [worker])
+    print(f"[stalled] backlog {backlog}, exported lag {lag:.0f}")
