@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
     AuthenticationError,
     MasterDownError,
@@ -19,6 +18,7 @@ from redis.exceptions import (
     RedisError,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from memberflow.engine import MAX_CONFLICT_ROUNDS, BatchOutcome, ClockMode, Engine, RawMessage
 from memberflow.metrics import Metrics
