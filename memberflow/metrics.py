@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # The dimensions of memberflow_customers: the label prefixes of the population counters.
@@ -72,7 +74,9 @@ class Metrics:
         self.processing_latency = Histogram(
             "memberflow_processing_latency_seconds",
             "From the event's arrival on the broker to its state applied and outputs acked.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            # Up to an hour: draining a backlog, the p99 panel must show how far behind it is,
+            # not sit at the top bucket.
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
             registry=r,
         )
         self.event_time_lag = Histogram(
@@ -137,6 +141,13 @@ class Metrics:
             "Version of the population snapshot this worker labels customers against.",
             registry=r,
         )
+        self.started = Gauge(
+            "memberflow_process_start_time_seconds",
+            "Wall time this worker process started: a restart loop shows as its changes (an "
+            "error counted just before a worker stops dies with the process, unscraped).",
+            registry=r,
+        )
+        self.started.set(time.time())
         self.snapshot_published = Gauge(
             "memberflow_snapshot_published_timestamp_seconds",
             "When that snapshot was published (its age is time() minus this).",
