@@ -95,6 +95,24 @@ def register(app: faust.App, runtime: Runtime) -> None:
         for partition in reported - {tp.partition for tp in owned}:
             runtime.metrics.consumer_lag.remove(str(partition))
             reported.discard(partition)
+        await report_overdue(sorted(tp.partition for tp in owned))
+
+    overdue_reported: set[int] = set()
+
+    async def report_overdue(partitions: list[int]) -> None:
+        # Here, not in fire_timers: a poller that stopped firing (stuck, or a superseded
+        # worker's) must still show its timers waiting.
+        try:
+            overdue = await asyncio.wait_for(runtime.engine().timers_overdue(partitions), 4.0)
+        except Exception as exc:  # Redis away: no figure (the Redis alerts cover it)
+            log.debug("timer heads unavailable (%s)", exc)
+            return
+        for partition, seconds in overdue.items():
+            runtime.metrics.timers_overdue.labels(str(partition)).set(seconds)
+        for partition in overdue_reported - set(overdue):
+            runtime.metrics.timers_overdue.remove(str(partition))
+        overdue_reported.clear()
+        overdue_reported.update(overdue)
 
     @app.timer(interval=settings.timer_poll_s)
     async def fire_timers() -> None:

@@ -570,17 +570,34 @@ class Engine:
         poller, which takes its lock only for these; process_due() checks again."""
         if not shards:
             return []
-        heads = await self.retry("due", partial(self.store.timer_heads, shards))
-        due = []
+        past = await self.retry("due", partial(self._past_due, shards))
+        return [shard for shard, seconds in past.items() if seconds is not None and seconds >= 0]
+
+    async def timers_overdue(self, shards: Sequence[int]) -> dict[int, int]:
+        """Per shard, how long its oldest due timer has waited past its due time (0: none is
+        due). Unlike the lateness of fired timers, it grows while timers do not fire at all.
+        Wall clock mode only, like the lateness: in event mode a replay moves the clock by days
+        a second while timers get their share of the time, so the wait measures the replay.
+        Not retried: a report, which has no figure while Redis is away."""
+        if not shards or self.clock_mode != "wall":
+            return {}
+        past = await self._past_due(shards)
+        return {shard: max(0, seconds or 0) for shard, seconds in past.items()}
+
+    async def _past_due(self, shards: Sequence[int]) -> dict[int, int | None]:
+        """Per shard, its earliest indexed timer's seconds past due (negative: not due yet;
+        None: no timer, or no event clock yet): wall time in `wall` mode, the shard's event
+        clock less the lateness in `event` mode."""
+        heads = await self.store.timer_heads(shards)
+        past: dict[int, int | None] = {}
         for shard, (clock, first) in heads.items():
             until = (
                 int(self.wall_clock())
                 if self.clock_mode == "wall"
                 else (clock or 0) - self.timer_lateness_s
             )
-            if first is not None and until > 0 and first <= until:
-                due.append(shard)
-        return due
+            past[shard] = until - first if first is not None and until > 0 else None
+        return past
 
     async def process_due(self, shard: int, limit: int = 500) -> BatchOutcome:
         """Fire the due timers of one shard (an input partition this worker owns)."""

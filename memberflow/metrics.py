@@ -109,6 +109,14 @@ class Metrics:
             buckets=(0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 86400),
             registry=r,
         )
+        self.timers_overdue = Gauge(
+            "memberflow_timers_overdue_seconds",
+            "How long the oldest due timer of a partition this worker owns has waited past its "
+            "due time (0: none due; wall clock mode only). Grows while timers do not fire at "
+            "all, which the lateness histogram cannot show.",
+            ["partition"],
+            registry=r,
+        )
         self.event_clock = Gauge(
             "memberflow_event_clock_seconds",
             "The engine clock (event time in event mode).",

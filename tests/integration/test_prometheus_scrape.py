@@ -143,6 +143,11 @@ def test_prometheus_scrapes_the_worker_and_evaluates_the_alerts(
                 "applied": _instant(port, 'memberflow_events_total{outcome="applied"}'),
                 "dead": _instant(port, "sum(memberflow_dead_letters_total)"),
                 "up": _instant(port, 'up{job="memberflow"}'),
+                # Reported every 5 s for each partition the worker owns (from the broker and
+                # the timer index), and once at start.
+                "lag": _instant(port, "memberflow_consumer_lag_events"),
+                "overdue": _instant(port, "memberflow_timers_overdue_seconds"),
+                "started": _instant(port, "memberflow_process_start_time_seconds"),
             }
             return results if all(results.values()) else None
 
@@ -150,6 +155,14 @@ def test_prometheus_scrapes_the_worker_and_evaluates_the_alerts(
         assert list(results["applied"].values()) == [N_GOOD]
         assert list(results["dead"].values()) == [1]  # the one bad line
         assert list(results["up"].values()) == [1]
+        partitions = sorted(json.loads(labels)["partition"] for labels in results["lag"])
+        assert partitions == [str(p) for p in range(len(partitions))] and partitions
+        assert sorted(json.loads(labels)["partition"] for labels in results["overdue"]) == (
+            partitions
+        )
+        assert set(results["lag"].values()) == {0}  # every event applied
+        (started,) = results["started"].values()
+        assert 0 < time.time() - started < 600
         reasons = _instant(port, "memberflow_dead_letters_total")
         assert [json.loads(labels)["reason"] for labels in reasons] == ["malformed_json"]
 

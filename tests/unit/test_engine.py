@@ -1207,7 +1207,7 @@ def test_outbox_of_the_last_timers_survives_a_crash_before_it_was_produced() -> 
     asyncio.run(scenario())
 
 
-def test_shards_due_names_the_shards_with_a_timer_due_now() -> None:
+def test_shards_due_names_the_shards_with_a_timer_due_now_and_how_long_it_waited() -> None:
     """The poller's hint, taken without the lock: wall time in `wall` mode, the shard's event
     clock less the lateness in `event` mode."""
 
@@ -1217,9 +1217,13 @@ def test_shards_due_names_the_shards_with_a_timer_due_now() -> None:
         engine = timer_engine(store, clock)
         await engine.confirm(await engine.process([shopped(1, "f1", "c1", WALL, partition=2)]))
         assert await engine.shards_due([0, 1, 2]) == []
+        assert await engine.timers_overdue([0, 2]) == {0: 0, 2: 0}
         clock.now = WALL + FORMULA_DUE
         assert await engine.shards_due([0, 1, 2]) == [2]
         assert await engine.shards_due([0, 1]) == []
+        # Nothing fired them: the oldest due timer's wait grows with the clock.
+        clock.now = WALL + FORMULA_DUE + 600
+        assert await engine.timers_overdue([0, 2]) == {0: 0, 2: 600}
 
         events = MemoryStore()
         by_events = timer_engine(events, Clock(WALL), clock_mode="event")
@@ -1230,6 +1234,9 @@ def test_shards_due_names_the_shards_with_a_timer_due_now() -> None:
         assert await by_events.shards_due([2]) == []  # within the lateness
         await events.advance_clock(WALL + FORMULA_DUE + LATENESS, shard=2)
         assert await by_events.shards_due([0, 2]) == [2]
+        # Not reported in event mode: a replay's clock runs days ahead of the firing.
+        await events.advance_clock(WALL + FORMULA_DUE + LATENESS + 90, shard=2)
+        assert await by_events.timers_overdue([0, 2]) == {}
 
     asyncio.run(scenario())
 
