@@ -310,6 +310,15 @@ def test_load_policy_on_missing_file_names_the_path(tmp_path: Path) -> None:
     assert "No such file or directory" in str(info.value)
 
 
+def test_load_policy_refuses_a_file_that_is_not_utf8_naming_the_line(tmp_path: Path) -> None:
+    """A policy saved as Latin-1 by an editor was a UnicodeDecodeError traceback."""
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(b"version: x\nname: caf\xe9\n")
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(info.value) == f"{path}: not UTF-8 text (byte 21, line 2); save it as UTF-8"
+
+
 def test_load_policy_names_the_file_of_an_invalid_policy(tmp_path: Path) -> None:
     path = tmp_path / "rules.yaml"
     path.write_text(policy_text(_age_below_window), encoding="utf-8")
