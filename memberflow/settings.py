@@ -5,9 +5,12 @@ Built once at start-up and passed down; nothing else reads the environment.
 
 from __future__ import annotations
 
+import difflib
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +56,10 @@ class Settings(BaseSettings):
         # redis-py at the first command.
         if url.split("://", 1)[0] not in ("redis", "rediss", "unix") or "://" not in url:
             raise ValueError(f"expected redis://, rediss:// or unix://, got {url!r}")
+        try:
+            urlsplit(url).port  # noqa: B018 - parsing it is the check
+        except ValueError as exc:
+            raise ValueError(f"{exc} in {url!r}") from None
         return url
 
     @field_validator("broker_url")
@@ -66,7 +73,17 @@ class Settings(BaseSettings):
 
     redis_password: SecretStr | None = Field(None, description="Redis password (AUTH).")
     web_host: str = Field("127.0.0.1", description="Bind address of the worker's HTTP views.")
-    web_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP views.")
+    web_port: int = Field(6066, ge=1, le=65535, description="Port of the worker's HTTP views.")
+
+    @field_validator("web_host")
+    @classmethod
+    def _ipv4_or_name(cls, host: str) -> str:
+        # Faust's web server builds its URL from host:port and fails on an IPv6 literal with a
+        # traceback about the port.
+        if ":" in host:
+            raise ValueError(f"an IPv4 address or a host name, not {host!r} (IPv6 literals fail)")
+        return host
+
     web_token: SecretStr | None = Field(
         None,
         description="Bearer token required by every HTTP view except /health (the status page "
@@ -161,4 +178,29 @@ class Settings(BaseSettings):
         description="Shards of the population statistics in Redis (spreads the hot keys). "
         "Fixed for the life of the data.",
     )
-    log_level: str = Field("info", description="Worker log level.")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="Worker log level."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, level: object) -> object:
+        return level.lower() if isinstance(level, str) else level
+
+    @model_validator(mode="after")
+    def _no_unknown_variables(self) -> Settings:
+        # A mistyped variable was silently ignored: MEMBERFLOW_WEB_TOKN=... served the HTTP
+        # views without a token, and the worker said nothing.
+        known = {f"MEMBERFLOW_{name.upper()}" for name in type(self).model_fields}
+        unknown = sorted(
+            name
+            for name in os.environ
+            if name.upper().startswith("MEMBERFLOW_") and name.upper() not in known
+        )
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name.upper(), known, n=1)
+                hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+            raise ValueError(f"unknown setting {', '.join(hints)}: see the README, Configuration")
+        return self
