@@ -38,12 +38,11 @@ def _settings() -> Settings:
     except ValidationError as exc:
         # Named as the operator set them (the environment variable), without pydantic's links.
         # An error about several variables (no location) names them in its message.
-        lines = [
-            f"  - MEMBERFLOW_{str(err['loc'][0]).upper()}: {err['msg']}"
-            if err["loc"]
-            else f"  - {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors(include_url=False)
-        ]
+        lines = []
+        for err in exc.errors(include_url=False):
+            message = err["msg"].removeprefix("Value error, ")
+            name = f"MEMBERFLOW_{str(err['loc'][0]).upper()}: " if err["loc"] else ""
+            lines.append(f"  - {name}{message}")
         raise CliError("invalid MEMBERFLOW_* settings:\n" + "\n".join(lines)) from exc
 
 
@@ -74,6 +73,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings()
     policy = _policy(settings)
+    _check_web_address(settings)
     asyncio.run(_check_redis(settings))
     try:
         ensure_topics(settings)
@@ -88,6 +88,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker = faust.Worker(app, loglevel=settings.log_level, redirect_stdouts=False)
     worker.execute_from_commandline()
     return 0
+
+
+def _check_web_address(settings: Settings) -> None:
+    """Bind the HTTP views' address once before Faust does: a port in use (several workers
+    on one host) ended in Faust's traceback after the worker had joined the group."""
+    import socket
+
+    try:
+        with socket.create_server((settings.web_host, settings.web_port)):
+            pass
+    except OSError as exc:
+        raise CliError(
+            f"cannot serve HTTP on {settings.web_host}:{settings.web_port} "
+            f"({exc.strerror or exc}); set MEMBERFLOW_WEB_HOST / MEMBERFLOW_WEB_PORT"
+        ) from exc
 
 
 async def _check_redis(settings: Settings) -> None:
@@ -238,8 +253,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         return count
 
     if args.output:
-        with _replacing(args.output) as out:
-            count = asyncio.run(_with_store(settings, lambda store: export(store, out)))
+        try:
+            with _replacing(args.output) as out:
+                count = asyncio.run(_with_store(settings, lambda store: export(store, out)))
+        except OSError as exc:  # a full disk while writing (the previous file stays)
+            raise CliError(f"cannot write {args.output}: {exc.strerror or exc}") from exc
     else:
         count = asyncio.run(_with_store(settings, lambda store: export(store, sys.stdout)))
     print(f"exported {count} customers", file=sys.stderr)
@@ -452,23 +470,26 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from memberflow.demo import DemoOptions, run_demo
+    from memberflow.services import ServiceError
 
     if args.workdir:
         try:
             Path(args.workdir).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CliError(f"cannot use --workdir {args.workdir}: {exc.strerror}") from exc
-    return run_demo(
-        DemoOptions(
-            customers=args.customers,
-            days=args.days,
-            duration_s=args.duration,
-            rate=args.rate,
-            seed=args.seed,
-            workdir=Path(args.workdir) if args.workdir else None,
-            hold_s=args.hold,
-        )
+    options = DemoOptions(
+        customers=args.customers,
+        days=args.days,
+        duration_s=args.duration,
+        rate=args.rate,
+        seed=args.seed,
+        workdir=Path(args.workdir) if args.workdir else None,
+        hold_s=args.hold,
     )
+    try:
+        return run_demo(options)
+    except ServiceError as exc:  # redis-server missing, a port taken: what to fix, no traceback
+        raise CliError(f"the demo could not start its services: {exc}") from exc
 
 
 def _count(text: str) -> int:
@@ -652,6 +673,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`memberflow export | head`): stop quietly, as a Unix tool
+        # killed by SIGPIPE would (exit 141); stdout goes to /dev/null so that flushing it at
+        # exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

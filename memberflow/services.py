@@ -61,6 +61,12 @@ _OWNED_DIRS: set[Path] = set()
 _REGISTRY_LOCK = threading.Lock()
 
 
+class ServiceError(RuntimeError):
+    """A local service (broker, redis-server, a worker) could not be started or set up: a
+    missing binary, a port clash, not ready in time. The message says what to fix; commands
+    print it without a traceback."""
+
+
 def _stop_all_at_exit() -> None:
     """Stop every live process and remove our temp dirs when the interpreter exits."""
     with _REGISTRY_LOCK:
@@ -127,10 +133,10 @@ def _port_accepts(port: int, timeout: float = 0.5) -> bool:
 
 
 def redis_server_binary() -> str:
-    """Path of ``redis-server``, or a RuntimeError explaining how to install it."""
+    """Path of ``redis-server``, or a ServiceError explaining how to install it."""
     path = shutil.which("redis-server")
     if path is None:
-        raise RuntimeError(
+        raise ServiceError(
             "redis-server not found on PATH; install it with `apt-get install -y redis-server`"
         )
     return path
@@ -140,7 +146,7 @@ def redis_cli_binary() -> str:
     """Path of ``redis-cli`` (same Debian package as redis-server)."""
     path = shutil.which("redis-cli")
     if path is None:
-        raise RuntimeError(
+        raise ServiceError(
             "redis-cli not found on PATH; install it with `apt-get install -y redis-server`"
         )
     return path
@@ -250,7 +256,7 @@ class ManagedProcess:
     def start(self) -> None:
         """Start the process and wait until it is ready. A no-op if already running.
 
-        If it fails to become ready, the process is stopped and a RuntimeError with the
+        If it fails to become ready, the process is stopped and a ServiceError with the
         log tail is raised, so a failed start never leaks a process.
         """
         with self._lock:
@@ -361,8 +367,8 @@ class ManagedProcess:
             with _REGISTRY_LOCK:
                 _LIVE.discard(self)
 
-    def _error(self, message: str) -> RuntimeError:
-        return RuntimeError(f"{message}\n{self.log_tail()}")
+    def _error(self, message: str) -> ServiceError:
+        return ServiceError(f"{message}\n{self.log_tail()}")
 
     def _check_alive(self) -> None:
         proc = self._proc
@@ -500,7 +506,7 @@ class LocalBroker(ManagedProcess):
                 if err is errors.TopicAlreadyExistsError:
                     already.add(topic["name"])
                 elif topic["error_code"] != 0:
-                    raise RuntimeError(
+                    raise ServiceError(
                         f"creating topic {topic['name']!r} on {self.bootstrap} failed: "
                         f"{err.__name__} {topic.get('error_message') or ''}".rstrip()
                     )
@@ -515,7 +521,7 @@ class LocalBroker(ManagedProcess):
                     return
                 wrong = {n: actual[n] for n in already if n in actual and actual[n] != names[n]}
                 if wrong or time.monotonic() >= deadline:
-                    raise RuntimeError(
+                    raise ServiceError(
                         f"topics on {self.bootstrap} do not have the expected partitions: "
                         f"expected {names}, got {actual}"
                     )
@@ -780,12 +786,12 @@ class LocalRedisCluster:
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:
-            raise RuntimeError(
+            raise ServiceError(
                 f"`{shlex.join(argv)}` timed out after {self.ready_timeout:.0f}s\n{self.log_tail()}"
             ) from exc
         (self.work_dir / "cluster-create.log").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
-            raise RuntimeError(
+            raise ServiceError(
                 f"`{shlex.join(argv)}` failed with exit code {result.returncode}:\n"
                 f"{result.stdout}{result.stderr}\n{self.log_tail()}"
             )
@@ -812,7 +818,7 @@ class LocalRedisCluster:
             if all(state == "ok" for state in states.values()) and len(states) == len(self.nodes):
                 return
             time.sleep(0.1)
-        raise RuntimeError(
+        raise ServiceError(
             f"Redis cluster {self.ports} not ok within {self.ready_timeout:.0f}s: {states}\n"
             f"{self.log_tail()}"
         )

@@ -272,3 +272,68 @@ def test_export_to_dev_stdout_writes_the_pipe(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["customer_id"] == "a"
     assert "exported 1 customers" in done.stderr
+
+
+def test_a_write_error_during_export_is_one_line(
+    store: MemoryStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full disk (here /dev/full) was an OSError traceback."""
+    err = _usage_error(["export", "-o", "/dev/full"], capsys)
+    assert "cannot write /dev/full: No space left on device" in err
+
+
+def test_export_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
+    """`memberflow export | head -1` was a BrokenPipeError traceback: now exit 141 (as a tool
+    killed by SIGPIPE), nothing on stderr. A subprocess: the pipe must really close."""
+    script = (
+        "import sys\n"
+        "from memberflow import cli\n"
+        "def work(settings, job):\n"
+        "    for n in range(100000):\n"
+        "        print('{\"n\": %d}' % n)\n"
+        "    return 0\n"
+        "cli.cmd_export = lambda args: work(None, None)\n"
+        "sys.exit(cli.main(['export']))\n"
+    )
+    with subprocess.Popen(
+        ["head", "-c", "10"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+    ) as reader:
+        writer = subprocess.run(
+            [sys.executable, "-c", script],
+            stdout=reader.stdin,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert reader.returncode == 0
+    assert writer.returncode == 141, writer.stderr
+    assert writer.stderr == ""
+
+
+def test_the_demo_without_redis_server_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A service that cannot start (here: no redis-server on PATH) was a traceback."""
+    monkeypatch.setattr("shutil.which", lambda name, *_, **__: None)
+    err = _usage_error(["demo", "--customers", "5", "--days", "10"], capsys)
+    assert "the demo could not start its services: redis-server not found on PATH" in err
+
+
+def test_a_worker_whose_web_port_is_taken_says_so_before_starting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Several workers on one host with the same port: Faust's traceback after the worker had
+    joined the group; now one line before anything starts."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("MEMBERFLOW_WEB_PORT", str(port))
+
+        async def redis_must_not_be_asked(settings: Any) -> None:
+            raise AssertionError("checked after the web address")
+
+        monkeypatch.setattr(cli, "_check_redis", redis_must_not_be_asked)
+        err = _usage_error(["worker"], capsys)
+    assert f"cannot serve HTTP on 127.0.0.1:{port} (Address already in use" in err
