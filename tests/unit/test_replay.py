@@ -273,12 +273,33 @@ def test_a_broken_line_anywhere_is_reported_before_anything_is_published(
         ),
         (f'{HEADER}\ne1,c1,2024-01-01,1,EUR,toys,"Baby" shoes,1\n', "line 2: ',' expected"),
         (f"{HEADER}\re1,c1,2024-01-01,1,EUR,,,\r", "line 1: new-line character"),  # old Mac
+        # Quotes inside an unquoted field were kept as text: 1"0 became a dead letter.
+        (f'{HEADER}\ne3,c1,2024-11-01,1"0\n', "line 2: a quote inside an unquoted field"),
+        (
+            f'{HEADER}\ne1,c1,2024-01-01,1,EUR,toys,"two\nlines",1\ne2,c2,2024-01-01,2,EUR,'
+            'toys,Baby "soft" shoes,1\n',
+            "line 4: a quote inside an unquoted field",
+        ),
     ],
-    ids=["unclosed-quote", "quote-inside-a-field", "cr-only-lines"],
+    ids=[
+        "unclosed-quote",
+        "quote-inside-a-field",
+        "cr-only-lines",
+        "quote-in-unquoted-amount",
+        "quote-in-unquoted-field-after-a-multiline-one",
+    ],
 )
 def test_malformed_csv_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         iter_history(write(tmp_path, "m.csv", text), "EUR")
+
+
+def test_quotes_in_quoted_fields_are_read_as_rfc_4180_has_them(tmp_path: Path) -> None:
+    text = (
+        f'{HEADER}\ne1,c1,2024-01-01,1,EUR,toys,"Baby ""soft"" shoes, red",1\n'
+        f'e2,c2,2024-01-01,2,EUR,toys,"two\nlines ""quoted""",1\n'
+    )
+    assert len(records_of(write(tmp_path, "q.csv", text))) == 2
 
 
 @pytest.mark.parametrize("column", ["Currency", "qty", "kind", "notes"])
