@@ -159,7 +159,7 @@ async def _as_of(store: Any, settings: Settings, as_of: str | None) -> int:
 
 def cmd_customer(args: argparse.Namespace) -> int:
     # The same document as the worker's GET /customers/{id}: one function builds both.
-    from memberflow.views import InvalidCustomerId, check_customer_id, customer_view
+    from memberflow.views import AsOfTooEarly, InvalidCustomerId, check_customer_id, customer_view
 
     settings = _settings()
     policy = _policy(settings)
@@ -172,9 +172,12 @@ def cmd_customer(args: argparse.Namespace) -> int:
 
     async def work(store: Any) -> dict[str, Any] | None:
         as_of = await _as_of(store, settings, args.as_of)
-        return await customer_view(store, policy, customer_id, as_of)
+        return await customer_view(store, policy, customer_id, as_of, asked_as_of=bool(args.as_of))
 
-    view = asyncio.run(_with_store(settings, work))
+    try:
+        view = asyncio.run(_with_store(settings, work))
+    except AsOfTooEarly as exc:
+        raise CliError(str(exc)) from exc
     if view is None:
         # Exit 1, not 2: the command was right, the customer is not there (scripts tell apart).
         print(f"memberflow: no such customer: {args.customer_id}", file=sys.stderr)
@@ -237,6 +240,8 @@ def _replacing(path: str) -> Iterator[TextIO]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from memberflow.views import AsOfTooEarly, check_as_of
+
     settings = _settings()
     policy = _policy(settings)
     if args.as_of:
@@ -247,6 +252,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         count = 0
         async for stored in store.scan():
             if stored.state is not None:
+                if args.as_of:
+                    try:
+                        check_as_of(stored.state, as_of)
+                    except AsOfTooEarly as exc:  # the previous -o file stays
+                        raise CliError(f"{exc}; give a later --as-of") from exc
                 out.write(json.dumps(summarize(stored.state, policy, as_of), ensure_ascii=False))
                 out.write("\n")
                 count += 1
@@ -592,8 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--as-of",
         help="evaluation time (ISO 8601) of R/F/M, the window and what the customer qualifies "
         "for then (explanation.tier.qualifies_for, explanation.segment.at_as_of); tier, "
-        "lifecycle and segment stay the stored labels, which only the engine moves. Default: "
-        "the engine's clock",
+        "lifecycle and segment stay the stored labels, which only the engine moves; not "
+        "before the customer's last purchase (the state keeps no history). Default: the "
+        "engine's clock",
     )
     p.set_defaults(func=cmd_customer)
 
@@ -608,8 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--as-of",
         help="evaluation time for recency and the window (ISO 8601; tier, lifecycle and "
-        "segment stay the stored labels); default: the engine's clock (event clock in event "
-        "mode, else now)",
+        "segment stay the stored labels; not before any customer's last purchase, else the "
+        "export stops naming it); default: the engine's clock (event clock in event mode, else "
+        "now)",
     )
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_export)

@@ -100,19 +100,38 @@ async def default_as_of(store: Store, clock_mode: str, wall_now: int) -> int:
     return wall_now
 
 
+class AsOfTooEarly(ValueError):
+    """An evaluation time asked for before the customer's last purchase: the state keeps no
+    history to look back with (recency would be negative, the labels newer than the time)."""
+
+
+def check_as_of(state: CustomerState, as_of: int) -> None:
+    """Refuse an as-of the user asked for that is before the customer's last purchase."""
+    last = state.last_purchase_at
+    if last is not None and as_of < last:
+        raise AsOfTooEarly(
+            f"as of {iso(as_of)} is before {state.customer_id}'s last purchase ({iso(last)}): "
+            "the state can be evaluated at that time or later, not looked back at"
+        )
+
+
 async def customer_view(
     store: Store,
     policy: Policy,
     customer_id: str,
     as_of: int,
     learned: dict[str, int] | None = None,
+    asked_as_of: bool = False,
 ) -> dict[str, Any] | None:
     """One customer's R/F/M, labels, why it holds them, what is scheduled and what is still
-    to be sent; None if there is no such customer."""
+    to be sent; None if there is no such customer. `asked_as_of`: the time came from the user,
+    and one before the last purchase is refused (AsOfTooEarly)."""
     stored = (await store.load([customer_id]))[customer_id]
     if stored.state is None:
         return None
     state = stored.state
+    if asked_as_of:
+        check_as_of(state, as_of)
     if learned is None:
         learned = await learned_intervals(store, policy)
     snapshot = await current_snapshot(store)

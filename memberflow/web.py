@@ -46,6 +46,7 @@ from redis.exceptions import RedisError
 from memberflow.population import current_snapshot
 from memberflow.settings import Settings
 from memberflow.views import (
+    AsOfTooEarly,
     InvalidCustomerId,
     TimeOutOfRange,
     check_customer_id,
@@ -229,9 +230,13 @@ async def customer_reply(
     try:
         if as_of is None:
             as_of = await _bounded(default_as_of(store, clock_mode, wall_now))
-        view = await _bounded(customer_view(store, policy, customer_id, as_of))
+        view = await _bounded(
+            customer_view(store, policy, customer_id, as_of, asked_as_of=bool(as_of_text))
+        )
     except TRANSIENT as exc:
         return _unavailable(exc)
+    except AsOfTooEarly as exc:
+        return error(400, "invalid_as_of", str(exc))
     if view is None:
         return error(404, "unknown_customer", f"no such customer: {customer_id}")
     return Reply(200, view)

@@ -1025,7 +1025,11 @@ def _segment_view(state: CustomerState) -> dict[str, Any]:
 def summarize(state: CustomerState, policy: Policy, as_of: int) -> dict[str, Any]:
     """The export view of one customer, with R/F/M evaluated at `as_of`."""
     orders, spend = state.window(as_of, policy.window_days)
-    recency = None if state.last_purchase_at is None else (as_of - state.last_purchase_at) // DAY
+    # Never negative: a purchase after `as_of` (one within the accepted clock skew, evaluated
+    # at the wall clock) was made "today".
+    recency = (
+        None if state.last_purchase_at is None else max(0, (as_of - state.last_purchase_at) // DAY)
+    )
     return {
         "customer_id": state.customer_id,
         "first_purchase_at": iso(state.first_purchase_at),

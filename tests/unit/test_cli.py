@@ -127,14 +127,28 @@ def test_times_out_of_range_are_one_line_errors(
     assert "1970-01-01T00:00:00Z" in err and "9998-12-31T23:59:59Z" in err
 
 
-@pytest.mark.parametrize("when", ["1970-01-01T00:00:00Z", "9998-12-31T23:59:59Z"])
 def test_the_bounds_themselves_are_accepted(
-    when: str, store: MemoryStore, capsys: pytest.CaptureFixture[str]
+    store: MemoryStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    when = "9998-12-31T23:59:59Z"
     assert cli.main(["customer", "a", "--as-of", when]) == 0
     assert json.loads(capsys.readouterr().out)["as_of"] == when
     assert cli.main(["export", "--as-of", when]) == 0
     assert json.loads(capsys.readouterr().out)["as_of"] == when
+
+
+@pytest.mark.parametrize("command", [["customer", "a"], ["export"]])
+def test_an_as_of_before_the_last_purchase_is_refused(
+    command: list[str], store: MemoryStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The state cannot be looked back at: 1970 (the lower bound, which parses) gave a recency
+    of -20,000 days beside the customer's current tier and lifetime orders."""
+    out = tmp_path / "previous.jsonl"
+    out.write_text("kept\n")
+    output = ["-o", str(out)] if command == ["export"] else []
+    err = _usage_error([*command, "--as-of", "1970-01-01T00:00:00Z", *output], capsys)
+    assert "as of 1970-01-01T00:00:00Z is before a's last purchase (2026-06-01T11:00:00Z)" in err
+    assert out.read_text() == "kept\n"
 
 
 def _files(directory: Path) -> list[str]:

@@ -526,6 +526,14 @@ def test_a_returned_order_leaves_the_same_stage_whenever_its_refund_arrives() ->
     assert after == before
 
 
+def test_a_purchase_after_the_evaluation_time_has_recency_zero() -> None:
+    """A purchase within the accepted clock skew (minutes ahead of the wall clock) evaluated at
+    the wall clock gave a recency of -1 day."""
+    state, _ = fold([purchase("p1", NOW + 300)], now=NOW + 300)
+    assert summarize(state, POLICY, NOW)["recency_days"] == 0
+    assert summarize(state, POLICY, NOW + 2 * DAY)["recency_days"] == 1
+
+
 # -- screen ----------------------------------------------------------------------------------
 
 
