@@ -363,7 +363,7 @@ def publish(
     from kafka.net.compat import KafkaNetClient
     from tqdm import tqdm
 
-    from memberflow.kafka import BrokerUnreachable, probe
+    from memberflow.kafka import NOT_KAFKA_HINT, BrokerUnreachable, probe
 
     started = time.monotonic()
     servers = [server.strip() for server in bootstrap.split(",") if server.strip()]
@@ -394,7 +394,9 @@ def publish(
     except (KafkaError, OSError) as exc:
         for client in clients:
             client.close()
-        raise BrokerUnreachable(f"cannot reach the broker at {bootstrap}: {exc}") from exc
+        raise BrokerUnreachable(
+            f"cannot reach the broker at {bootstrap}: {exc} ({NOT_KAFKA_HINT}?)"
+        ) from exc
 
     failures: list[BaseException] = []
     published = 0

@@ -415,6 +415,16 @@ def test_publish_names_an_unreachable_broker(tmp_path: Path) -> None:
         publish(records, f"127.0.0.1:{port}", "purchases", progress=False, connect_timeout_s=1)
 
 
+def test_publish_to_a_port_that_is_not_kafka_says_what_it_may_be(tmp_path: Path) -> None:
+    """A listener that accepts and never answers (a TLS port, another service): the client
+    waits out its timeout in silence, so the error must say what to look at."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        records = [ReplayRecord(line=1, key=None, value=b"{}")]
+        with pytest.raises(BrokerUnreachable, match="a TLS listener \\(set MEMBERFLOW_BROKER_TLS"):
+            publish(records, f"127.0.0.1:{port}", "purchases", progress=False, connect_timeout_s=1)
+
+
 def test_module_has_no_broker_dependency_at_import() -> None:
     # Mapping and reading must work where kafka is not configured (the demo's synthetic shop).
     assert "kafka" not in vars(replay)
