@@ -342,8 +342,17 @@ def cmd_segments(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
     snapshot = result["snapshot"]
+    if args.publish and not result["published_now"]:
+        # publish() makes nothing without classified customers, or when another worker held
+        # the snapshot lock for the whole wait (it is publishing one itself).
+        print(
+            "nothing published: no customers to compute a snapshot from yet, or another worker "
+            "held the snapshot lock for 60 s"
+            + ("" if snapshot is None else "; the current snapshot:")
+        )
     if snapshot is None:
-        print("no population snapshot yet (memberflow segments --publish makes one)")
+        if not args.publish:
+            print("no population snapshot yet (memberflow segments --publish makes one)")
     else:
         age = int(time.time()) - snapshot["published_at"]
         print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -351,3 +352,29 @@ def test_a_worker_whose_web_port_is_taken_says_so_before_starting(
         monkeypatch.setattr(cli, "_check_redis", redis_must_not_be_asked)
         err = _usage_error(["worker"], capsys)
     assert f"cannot serve HTTP on 127.0.0.1:{port} (Address already in use" in err
+
+
+def test_segments_publish_with_nothing_to_publish_says_why(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On an empty store `segments --publish` answered "memberflow segments --publish makes
+    one", the command just run."""
+    empty = MemoryStore()
+
+    async def with_store(settings: Any, work: Any) -> Any:
+        return await work(empty)
+
+    monkeypatch.setattr(cli, "_with_store", with_store)
+    monkeypatch.delenv("MEMBERFLOW_RULES_FILE", raising=False)
+    assert cli.main(["segments", "--publish"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("nothing published: no customers to compute a snapshot from yet"), out
+    assert "--publish makes one" not in out
+
+
+def test_segments_publish_publishes_a_first_snapshot(
+    store: MemoryStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["segments", "--publish"]) == 0
+    out = capsys.readouterr().out
+    assert re.match(r"snapshot v1: 1 customers, published \d+s ago \(just now\)\n", out), out
