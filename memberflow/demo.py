@@ -191,7 +191,8 @@ def _demo(options: DemoOptions) -> int:
             f"metrics: /metrics)",
             file=out,
         )
-        print(f"  log     {worker.log_path}", file=out)
+        kept = "" if workdir else "   (removed at exit: --workdir DIR keeps it)"
+        print(f"  log     {worker.log_path}{kept}", file=out)
         try:
             code = _run(options, broker, redis_server, worker, style)
             if options.hold_s > 0 and code == 0:

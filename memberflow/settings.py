@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     broker_ca_file: Path | None = Field(
         None, description="CA bundle for the broker's TLS certificate (None: the system's)."
     )
+
+    @field_validator("broker_ca_file")
+    @classmethod
+    def _readable_ca(cls, path: Path | None) -> Path | None:
+        # Else the TLS setup failed later with a message blaming the broker's URL.
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} is not a readable file")
+        return path
+
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (rediss:// = TLS).")
     redis_cluster: bool = Field(False, description="Talk to redis_url as a Redis Cluster.")
 

@@ -48,9 +48,14 @@ def test_kafka_python_clients_accept_the_options() -> None:
 
 
 def test_the_ca_file_is_the_trust_root(tmp_path: Path) -> None:
-    missing = tmp_path / "ca.pem"
-    with pytest.raises(FileNotFoundError):
-        mf_kafka.broker_ssl_context(Settings(broker_tls=True, broker_ca_file=missing))
+    """Loaded into the context (a file with no certificate in it fails there); a missing one
+    is a settings error naming the variable."""
+    empty = tmp_path / "ca.pem"
+    empty.write_text("not a certificate\n")
+    with pytest.raises(ssl.SSLError):
+        mf_kafka.broker_ssl_context(Settings(broker_tls=True, broker_ca_file=empty))
+    with pytest.raises(ValueError, match="is not a readable file"):
+        Settings(broker_tls=True, broker_ca_file=tmp_path / "missing.pem")
 
 
 def test_the_admin_client_is_built_with_them(monkeypatch: pytest.MonkeyPatch) -> None:

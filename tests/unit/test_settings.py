@@ -40,6 +40,7 @@ def test_accepted_forms(name: str, value: str, monkeypatch: pytest.MonkeyPatch) 
         ("MEMBERFLOW_LOG_LEVEL", "verbose", "'debug', 'info', 'warning', 'error' or 'critical'"),
         ("MEMBERFLOW_WEB_HOST", "::1", "IPv6 literals fail"),
         ("MEMBERFLOW_WEB_PORT", "0", "greater than or equal to 1"),
+        ("MEMBERFLOW_BROKER_CA_FILE", "/nonexistent/ca.pem", "is not a readable file"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_the_variable(
