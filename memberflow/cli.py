@@ -444,7 +444,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     policy = _policy(settings)
     path = Path(args.path)
     if not path.is_file():
-        raise CliError(f"no such file: {path}")
+        raise CliError(f"not a file: {path}" if path.exists() else f"no such file: {path}")
     try:
         ensure_topics(settings)
         records = iter_history(path, policy.base_currency)

@@ -378,3 +378,11 @@ def test_segments_publish_publishes_a_first_snapshot(
     assert cli.main(["segments", "--publish"]) == 0
     out = capsys.readouterr().out
     assert re.match(r"snapshot v1: 1 customers, published \d+s ago \(just now\)\n", out), out
+
+
+def test_replay_names_a_missing_file_and_a_directory_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "dir.csv").mkdir()
+    assert "not a file: " in _usage_error(["replay", str(tmp_path / "dir.csv")], capsys)
+    assert "no such file: " in _usage_error(["replay", str(tmp_path / "none.csv")], capsys)
