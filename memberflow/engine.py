@@ -460,6 +460,10 @@ class Engine:
                     continue
                 else:
                     version = written
+                    # Decided by this write, so counted here, once: the notifications of a
+                    # re-sent outbox (a crash, a partition that moved before its confirm) are
+                    # produced again, but the change they tell of happened once.
+                    self._count_transitions(f.write.outbox[len(f.stored.outbox) :])
                     new = f.write.outbox[len(f.stored.outbox) :] if handed else f.write.outbox
                     outcome.notifications.extend(new)
                     if f.write.outbox:
@@ -687,12 +691,8 @@ class Engine:
             )
         )
 
-    async def confirm(self, outcome: BatchOutcome) -> None:
-        """Call after every notification of `outcome` was acknowledged by the broker, and only
-        after the outcomes handed out before it were confirmed (in order: confirming clears a
-        customer's outbox, which may still hold an earlier outcome's notifications)."""
-        for notification in outcome.notifications:
-            self.metrics.notifications.labels(notification.type.value).inc()
+    def _count_transitions(self, notifications: Sequence[Notification]) -> None:
+        for notification in notifications:
             direction = _TIER_DIRECTION.get(notification.type)
             if direction is not None:
                 self.metrics.tier_transitions.labels(direction).inc()
@@ -702,6 +702,13 @@ class Engine:
                     str(notification.explanation.get("grade") or "") or None,
                 )
                 self.metrics.segment_transitions.labels(direction).inc()
+
+    async def confirm(self, outcome: BatchOutcome) -> None:
+        """Call after every notification of `outcome` was acknowledged by the broker, and only
+        after the outcomes handed out before it were confirmed (in order: confirming clears a
+        customer's outbox, which may still hold an earlier outcome's notifications)."""
+        for notification in outcome.notifications:
+            self.metrics.notifications.labels(notification.type.value).inc()
         # Contributions first: they count the pending gap samples that confirm then clears.
         if outcome.contributions:
             await self.retry("contribute", partial(self.store.contribute, outcome.contributions))

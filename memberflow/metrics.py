@@ -87,7 +87,8 @@ class Metrics:
         )
         self.tier_transitions = Counter(
             "memberflow_tier_transitions_total",
-            "Tier changes by direction (up, down).",
+            "Tier changes by direction (up, down), counted once when the change is written "
+            "(a re-sent notification is not counted again).",
             ["direction"],
             registry=r,
         )

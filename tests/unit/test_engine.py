@@ -254,8 +254,10 @@ def test_batch_outcome_counts_and_dead_letters_exactly() -> None:
         assert sample(engine, "memberflow_dead_letters_total", reason="too_old") == 1
         assert sample(engine, "memberflow_event_clock_seconds") == WALL
         assert sample(engine, "memberflow_version_conflicts_total") == 0
-        # Counted when the broker has them, not before.
+        # Notifications counted when the broker has them, not before; a tier change when it
+        # is written.
         assert sample(engine, "memberflow_notifications_total", type="tier_upgraded") is None
+        assert sample(engine, "memberflow_tier_transitions_total", direction="up") == 1
         await engine.confirm(outcome)
         assert sample(engine, "memberflow_notifications_total", type="tier_upgraded") == 1
         assert sample(engine, "memberflow_notifications_total", type="lifecycle_changed") == 3
@@ -305,6 +307,10 @@ def test_outbox_is_resent_until_confirmed() -> None:
         await engine.confirm(again)
         assert (await state_of(store, "c1")).outbox == ()
         assert (await state_of(store, "c2")).outbox == ()
+        # Produced again, but the upgrade happened once: the first process counted it (a
+        # worker that lost the partition before its confirm still confirms and counts).
+        assert sample(engine, "memberflow_notifications_total", type="tier_upgraded") == 1
+        assert sample(engine, "memberflow_tier_transitions_total", direction="up") is None
         third = await engine.process(BATCH)
         assert third.notifications == []
         assert third.outbox_versions == {}
