@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,11 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What Kubernetes (service links, on by default) and `docker --link` put in a container's
+# environment for a service or container named `memberflow`: not settings, and not refused,
+# or a Service of that name would keep every worker from starting.
+_SERVICE_LINK = re.compile(r"MEMBERFLOW_(PORT|SERVICE_\w+|PORT_\d+_(TCP|UDP|SCTP)\w*|NAME|ENV_\w+)")
 
 
 def default_rules_file() -> Path:
@@ -204,7 +210,9 @@ class Settings(BaseSettings):
         unknown = sorted(
             name
             for name in os.environ
-            if name.upper().startswith("MEMBERFLOW_") and name.upper() not in known
+            if name.upper().startswith("MEMBERFLOW_")
+            and name.upper() not in known
+            and not _SERVICE_LINK.fullmatch(name.upper())
         )
         if unknown:
             hints = []

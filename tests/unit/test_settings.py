@@ -68,6 +68,28 @@ def test_a_mistyped_variable_is_refused_with_the_one_it_resembles(
     assert "unknown setting MEMBERFLOW_WEB_TOKN (did you mean MEMBERFLOW_WEB_TOKEN?)" in err, err
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MEMBERFLOW_SERVICE_HOST",
+        "MEMBERFLOW_SERVICE_PORT_WEB",
+        "MEMBERFLOW_PORT",
+        "MEMBERFLOW_PORT_6066_TCP",
+        "MEMBERFLOW_PORT_6066_TCP_ADDR",
+        "MEMBERFLOW_NAME",
+        "MEMBERFLOW_ENV_FOO",
+    ],
+)
+def test_what_kubernetes_or_docker_links_set_is_not_refused(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Kubernetes Service named memberflow gives every pod MEMBERFLOW_SERVICE_HOST,
+    MEMBERFLOW_PORT and the like (service links are on by default): refusing them kept every
+    worker from starting."""
+    monkeypatch.setenv(name, "tcp://10.0.0.5:6066")
+    assert Settings().web_port == 6066
+
+
 def test_the_web_token_can_come_from_a_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
