@@ -11,9 +11,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import faust
 
@@ -52,40 +52,71 @@ def register(app: faust.App, runtime: Runtime) -> None:
     reported: set[int] = set()  # partitions whose lag this worker exports
     producing = Producing(app, runtime, fatal=_die)
 
+    starts: dict[faust.types.TP, int] = {}  # earliest offsets of partitions never committed
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(_app: Any, /, *args: Any, signal: Any = None, **_: Any) -> None:
+        revoked: set[faust.types.TP] = set(args[0]) if args else set()
+        # Given back later, a partition resumes from its committed offset, which another
+        # worker may have moved meanwhile: a position kept from before overstated the lag, for
+        # good if the partition then stayed idle (and MemberflowWorkerStalled fired).
+        for tp in revoked:
+            positions.pop(tp, None)
+            starts.pop(tp, None)
+
     @app.timer(interval=5.0)
+    async def report_progress() -> None:
+        # A report must never stop the worker: an exception in a Faust timer crashes it.
+        try:
+            await report_lag()
+            await report_overdue()
+        except Exception:
+            log.warning("could not report consumer lag or timers", exc_info=True)
+
+    def owned_partitions() -> set[faust.types.TP]:
+        return {tp for tp in app.consumer.assignment() if tp.topic == settings.purchases_topic}
+
     async def report_lag() -> None:
-        owned = {tp for tp in app.consumer.assignment() if tp.topic == settings.purchases_topic}
-        ends: Mapping[faust.types.TP, int | None] = {}
+        owned = owned_partitions()
+        ends: dict[faust.types.TP, int | None] = {}
         if owned:
             try:
                 # The broker's end offsets (one small request every 5 s). The consumer's own
                 # high-water marks only move when a fetch returns, and a stalled worker stops
                 # fetching once its buffers are full: its lag froze there while the backlog
                 # grew, so the lag alert never fired for exactly the stuck worker it is for.
-                ends = await asyncio.wait_for(app.consumer.highwaters(*owned), timeout=4.0)
+                ends = dict(await asyncio.wait_for(app.consumer.highwaters(*owned), 4.0))
             except Exception as exc:  # the broker unreachable: the consumer's last figures
                 log.debug("end offsets unavailable (%s); using the fetched high water", exc)
-                ends = {tp: app.consumer.highwater(tp) for tp in owned}
+        owned &= owned_partitions()  # a rebalance may have run meanwhile
+        committed = getattr(app.consumer, "_committed_offset", {})
+        # Nothing processed here yet (a worker stuck on its first batch must show its lag too):
+        # from the committed offset Faust read when the partition came, or, in a group that
+        # never committed, from where it starts reading (earliest), asked once per assignment.
+        unknown = [tp for tp in owned if tp not in positions and committed.get(tp) is None]
+        if unknown and not all(tp in starts for tp in unknown):
+            try:
+                starts.update(await asyncio.wait_for(app.consumer.earliest_offsets(*unknown), 4.0))
+            except Exception as exc:  # reported next time
+                log.debug("earliest offsets unavailable (%s)", exc)
         for tp in owned:
             highwater = ends.get(tp)
+            if highwater is None:
+                try:
+                    highwater = app.consumer.highwater(tp)
+                except Exception:  # revoked since (aiokafka asserts the assignment)
+                    continue
             if highwater is None:
                 continue
             if tp in positions:
                 lag = highwater - positions[tp] - 1
             else:
-                # Nothing processed here yet (a worker stuck on its first batch must show its
-                # lag too): from the committed offset Faust read when the partition came, or,
-                # in a group that never committed, from where it starts reading (earliest).
-                committed = getattr(app.consumer, "_committed_offset", {}).get(tp)
-                if committed is None:
-                    try:
-                        earliest = await app.consumer.earliest_offsets(tp)
-                    except Exception:  # the broker unreachable: reported next time
-                        continue
-                    committed = earliest.get(tp)
-                    if committed is None:
-                        continue
-                lag = highwater - committed
+                start = committed.get(tp)
+                if start is None:
+                    start = starts.get(tp)
+                if start is None:
+                    continue
+                lag = highwater - start
             runtime.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, lag))
             reported.add(tp.partition)
         # A partition this worker lost is the new owner's to report: its last figure here
@@ -95,13 +126,13 @@ def register(app: faust.App, runtime: Runtime) -> None:
         for partition in reported - {tp.partition for tp in owned}:
             runtime.metrics.consumer_lag.remove(str(partition))
             reported.discard(partition)
-        await report_overdue(sorted(tp.partition for tp in owned))
 
     overdue_reported: set[int] = set()
 
-    async def report_overdue(partitions: list[int]) -> None:
+    async def report_overdue() -> None:
         # Here, not in fire_timers: a poller that stopped firing (stuck, or a superseded
         # worker's) must still show its timers waiting.
+        partitions = sorted(tp.partition for tp in owned_partitions())
         try:
             overdue = await asyncio.wait_for(runtime.engine().timers_overdue(partitions), 4.0)
         except Exception as exc:  # Redis away: no figure (the Redis alerts cover it)
