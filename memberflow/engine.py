@@ -582,11 +582,15 @@ class Engine:
         due). Unlike the lateness of fired timers, it grows while timers do not fire at all.
         Wall clock mode only, like the lateness: in event mode a replay moves the clock by days
         a second while timers get their share of the time, so the wait measures the replay.
+        Wake-ups (due time 0: relabelling after a new snapshot or policy) are not counted: they
+        have no due time to be late for, and a large storm of them is worked off at
+        `timer_share` (the age read "56 years" after every publish).
         Not retried: a report, which has no figure while Redis is away."""
         if not shards or self.clock_mode != "wall":
             return {}
-        past = await self._past_due(shards)
-        return {shard: max(0, seconds or 0) for shard, seconds in past.items()}
+        oldest = await self.store.oldest_due(shards)
+        now = int(self.wall_clock())
+        return {shard: 0 if due is None else max(0, now - due) for shard, due in oldest.items()}
 
     async def _past_due(self, shards: Sequence[int]) -> dict[int, int | None]:
         """Per shard, its earliest indexed timer's seconds past due (negative: not due yet;

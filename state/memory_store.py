@@ -93,6 +93,13 @@ class MemoryStore:
     async def timer_heads(self, shards: Sequence[int]) -> dict[int, tuple[int | None, int | None]]:
         return {shard: (self._clocks.get(shard), await self.next_due_in(shard)) for shard in shards}
 
+    async def oldest_due(self, shards: Sequence[int]) -> dict[int, int | None]:
+        heads = {}
+        for shard in shards:
+            due = [at for at in self.timers.get(shard, {}).values() if at >= 1]
+            heads[shard] = min(due) if due else None
+        return heads
+
     async def next_due_in(self, shard: int) -> int | None:
         index = self.timers.get(shard, {})
         return min(index.values()) if index else None

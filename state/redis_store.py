@@ -650,6 +650,16 @@ class RedisStore:
         if moved:
             await self.wake(moved)
 
+    async def oldest_due(self, shards: Sequence[int]) -> dict[int, int | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for shard in shards:
+            pipe.zrangebyscore(keys.timer_index(shard), 1, "+inf", start=0, num=1, withscores=True)
+        replies = await pipe.execute()
+        return {
+            shard: int(reply[0][1]) if reply else None
+            for shard, reply in zip(shards, replies, strict=True)
+        }
+
     async def timer_heads(self, shards: Sequence[int]) -> dict[int, tuple[int | None, int | None]]:
         pipe = self.client.pipeline(transaction=False)
         for shard in shards:

@@ -127,6 +127,11 @@ class Store(Protocol):
         a worker decides, without taking its lock, whether a shard has timers to fire."""
         ...
 
+    async def oldest_due(self, shards: Sequence[int]) -> dict[int, int | None]:
+        """Per shard, its earliest indexed due time that is a real time: wake-ups (a new
+        snapshot or policy puts customers at the front with due time 0) are not timers."""
+        ...
+
     async def next_due_in(self, shard: int) -> int | None:
         """The earliest indexed due time in a shard (for status and tests)."""
         ...

@@ -350,6 +350,8 @@ def test_wake_indexes_customers_at_zero(make_store: StoreFactory) -> None:
         assert await store.next_due_in(1) == 0
         assert await store.next_due_in(2) == 0
         assert await store.due(0, 10_000, 10) == []
+        # The oldest real due time skips the wake-ups ("a" now waits at 0, "b" at 9,000).
+        assert await store.oldest_due([0, 1, 2]) == {0: None, 1: 9_000, 2: None}
 
     run(make_store, body)
 

@@ -1230,6 +1230,9 @@ def test_shards_due_names_the_shards_with_a_timer_due_now_and_how_long_it_waited
         # Nothing fired them: the oldest due timer's wait grows with the clock.
         clock.now = WALL + FORMULA_DUE + 600
         assert await engine.timers_overdue([0, 2]) == {0: 0, 2: 600}
+        # Wake-ups (due 0, a new snapshot) are not late timers: they read as 56 years.
+        await store.wake([("c8", 2), ("c9", 0)])
+        assert await engine.timers_overdue([0, 2]) == {0: 0, 2: 600}
 
         events = MemoryStore()
         by_events = timer_engine(events, Clock(WALL), clock_mode="event")
