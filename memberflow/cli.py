@@ -240,24 +240,26 @@ def _replacing(path: str) -> Iterator[TextIO]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from memberflow.views import AsOfTooEarly, check_as_of
-
     settings = _settings()
     policy = _policy(settings)
     if args.as_of:
         _parse_time(args.as_of)  # a bad time is refused before Redis is read
 
+    moved = 0
+
     async def export(store: Any, out: TextIO) -> int:
+        nonlocal moved
         as_of = await _as_of(store, settings, args.as_of)
         count = 0
         async for stored in store.scan():
             if stored.state is not None:
-                if args.as_of:
-                    try:
-                        check_as_of(stored.state, as_of)
-                    except AsOfTooEarly as exc:  # the previous -o file stays
-                        raise CliError(f"{exc}; give a later --as-of") from exc
-                out.write(json.dumps(summarize(stored.state, policy, as_of), ensure_ascii=False))
+                # A state cannot be looked back at: a customer who bought after --as-of is
+                # evaluated at that last purchase (its line's as_of says so). Refusing made any
+                # past --as-of fail on a live shop, after part of the output was written.
+                last = stored.state.last_purchase_at
+                at = as_of if last is None or last <= as_of else last
+                moved += at != as_of
+                out.write(json.dumps(summarize(stored.state, policy, at), ensure_ascii=False))
                 out.write("\n")
                 count += 1
         return count
@@ -266,11 +268,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         try:
             with _replacing(args.output) as out:
                 count = asyncio.run(_with_store(settings, lambda store: export(store, out)))
+        except BrokenPipeError:
+            raise  # -o /dev/stdout into `head`: main() stops quietly
         except OSError as exc:  # a full disk while writing (the previous file stays)
             raise CliError(f"cannot write {args.output}: {exc.strerror or exc}") from exc
     else:
         count = asyncio.run(_with_store(settings, lambda store: export(store, sys.stdout)))
     print(f"exported {count} customers", file=sys.stderr)
+    if moved:
+        print(
+            f"{moved} of them bought after --as-of: evaluated at their last purchase instead",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -347,7 +356,7 @@ def cmd_segments(args: argparse.Namespace) -> int:
         # the snapshot lock for the whole wait (it is publishing one itself).
         print(
             "nothing published: no customers to compute a snapshot from yet, or another worker "
-            "held the snapshot lock for 60 s"
+            "held the snapshot lock for 60 s or published first"
             + ("" if snapshot is None else "; the current snapshot:")
         )
     if snapshot is None:
@@ -628,9 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--as-of",
         help="evaluation time for recency and the window (ISO 8601; tier, lifecycle and "
-        "segment stay the stored labels; not before any customer's last purchase, else the "
-        "export stops naming it); default: the engine's clock (event clock in event mode, else "
-        "now)",
+        "segment stay the stored labels; a customer who bought after it is evaluated at that "
+        "last purchase, its line's as_of says so); default: the engine's clock (event clock in "
+        "event mode, else now)",
     )
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_export)

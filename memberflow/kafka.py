@@ -37,10 +37,11 @@ def bootstrap_servers(broker_url: str) -> list[str]:
 
 # Said when a server accepted the TCP connection (probe passed) but the Kafka client still
 # failed: after its whole timeout, without a word meanwhile.
-NOT_KAFKA_HINT = (
-    "a server accepted the connection but did not answer as a Kafka broker: a wrong port, or "
-    "a TLS listener (set MEMBERFLOW_BROKER_TLS)"
-)
+def not_kafka_hint(tls: bool) -> str:
+    base = "a server accepted the connection but did not answer as a Kafka broker: a wrong port"
+    if tls:
+        return f"{base}, a certificate it does not trust, or SASL credentials it refuses"
+    return f"{base}, or a TLS listener (set MEMBERFLOW_BROKER_TLS)"
 
 
 def probe(servers: list[str], bootstrap: str, timeout_s: float) -> None:
@@ -110,7 +111,8 @@ def admin_client(settings: Settings, timeout_s: float = 15.0) -> KafkaAdminClien
     except (KafkaError, OSError) as exc:
         raise BrokerUnreachable(
             f"cannot reach the Kafka broker at {settings.broker_url} ({exc}); "
-            f"{NOT_KAFKA_HINT}? check MEMBERFLOW_BROKER_URL and that the broker is running"
+            f"{not_kafka_hint(settings.broker_tls)}? check MEMBERFLOW_BROKER_URL and that the "
+            "broker is running"
         ) from exc
 
 

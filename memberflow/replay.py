@@ -363,7 +363,7 @@ def publish(
     from kafka.net.compat import KafkaNetClient
     from tqdm import tqdm
 
-    from memberflow.kafka import NOT_KAFKA_HINT, BrokerUnreachable, probe
+    from memberflow.kafka import BrokerUnreachable, not_kafka_hint, probe
 
     started = time.monotonic()
     servers = [server.strip() for server in bootstrap.split(",") if server.strip()]
@@ -394,8 +394,9 @@ def publish(
     except (KafkaError, OSError) as exc:
         for client in clients:
             client.close()
+        tls = str((security or {}).get("security_protocol", "")).endswith("SSL")
         raise BrokerUnreachable(
-            f"cannot reach the broker at {bootstrap}: {exc} ({NOT_KAFKA_HINT}?)"
+            f"cannot reach the broker at {bootstrap}: {exc} ({not_kafka_hint(tls)}?)"
         ) from exc
 
     failures: list[BaseException] = []

@@ -138,18 +138,24 @@ def test_the_bounds_themselves_are_accepted(
     assert json.loads(capsys.readouterr().out)["as_of"] == when
 
 
-@pytest.mark.parametrize("command", [["customer", "a"], ["export"]])
-def test_an_as_of_before_the_last_purchase_is_refused(
-    command: list[str], store: MemoryStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_an_as_of_before_the_last_purchase_is_refused_for_one_customer(
+    store: MemoryStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The state cannot be looked back at: 1970 (the lower bound, which parses) gave a recency
     of -20,000 days beside the customer's current tier and lifetime orders."""
-    out = tmp_path / "previous.jsonl"
-    out.write_text("kept\n")
-    output = ["-o", str(out)] if command == ["export"] else []
-    err = _usage_error([*command, "--as-of", "1970-01-01T00:00:00Z", *output], capsys)
+    err = _usage_error(["customer", "a", "--as-of", "1970-01-01T00:00:00Z"], capsys)
     assert "as of 1970-01-01T00:00:00Z is before a's last purchase (2026-06-01T11:00:00Z)" in err
-    assert out.read_text() == "kept\n"
+
+
+def test_export_evaluates_who_bought_after_the_as_of_at_their_last_purchase(
+    store: MemoryStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A past --as-of on a live shop: each such customer at its last purchase, said so."""
+    assert cli.main(["export", "--as-of", "2026-01-01T00:00:00Z"]) == 0
+    captured = capsys.readouterr()
+    line = json.loads(captured.out)
+    assert (line["as_of"], line["recency_days"]) == ("2026-06-01T11:00:00Z", 0)
+    assert "1 of them bought after --as-of: evaluated at their last purchase" in captured.err
 
 
 def _files(directory: Path) -> list[str]:
