@@ -151,9 +151,7 @@ def register(app: faust.App, runtime: Runtime) -> None:
         if runtime.superseded is not None:
             return  # an old worker in a rolling restart: the new owners fire them
         engine = runtime.engine()
-        shards = sorted(
-            tp.partition for tp in app.consumer.assignment() if tp.topic == settings.purchases_topic
-        )
+        shards = sorted(tp.partition for tp in owned_partitions())
         try:
             # Checked without the lock (one round trip for every shard): an idle poll must not
             # take event time, which matters when Redis is slow.

@@ -240,6 +240,8 @@ def _replacing(path: str) -> Iterator[TextIO]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from memberflow.views import looked_at
+
     settings = _settings()
     policy = _policy(settings)
     if args.as_of:
@@ -256,8 +258,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 # A state cannot be looked back at: a customer who bought after --as-of is
                 # evaluated at that last purchase (its line's as_of says so). Refusing made any
                 # past --as-of fail on a live shop, after part of the output was written.
-                last = stored.state.last_purchase_at
-                at = as_of if last is None or last <= as_of else last
+                at = looked_at(stored.state, as_of)
                 moved += at != as_of
                 out.write(json.dumps(summarize(stored.state, policy, at), ensure_ascii=False))
                 out.write("\n")

@@ -460,11 +460,12 @@ class Engine:
                     continue
                 else:
                     version = written
+                    added = f.write.outbox[len(f.stored.outbox) :]
                     # Decided by this write, so counted here, once: the notifications of a
                     # re-sent outbox (a crash, a partition that moved before its confirm) are
                     # produced again, but the change they tell of happened once.
-                    self._count_transitions(f.write.outbox[len(f.stored.outbox) :])
-                    new = f.write.outbox[len(f.stored.outbox) :] if handed else f.write.outbox
+                    self._count_transitions(added)
+                    new = added if handed else f.write.outbox
                     outcome.notifications.extend(new)
                     if f.write.outbox:
                         outcome.outbox_versions[customer_id] = version
@@ -574,8 +575,17 @@ class Engine:
         poller, which takes its lock only for these; process_due() checks again."""
         if not shards:
             return []
-        past = await self.retry("due", partial(self._past_due, shards))
-        return [shard for shard, seconds in past.items() if seconds is not None and seconds >= 0]
+        heads = await self.retry("due", partial(self.store.timer_heads, shards))
+        due = []
+        for shard, (clock, first) in heads.items():
+            until = (
+                int(self.wall_clock())
+                if self.clock_mode == "wall"
+                else (clock or 0) - self.timer_lateness_s
+            )
+            if first is not None and until > 0 and first <= until:
+                due.append(shard)
+        return due
 
     async def timers_overdue(self, shards: Sequence[int]) -> dict[int, int]:
         """Per shard, how long its oldest due timer has waited past its due time (0: none is
@@ -591,21 +601,6 @@ class Engine:
         oldest = await self.store.oldest_due(shards)
         now = int(self.wall_clock())
         return {shard: 0 if due is None else max(0, now - due) for shard, due in oldest.items()}
-
-    async def _past_due(self, shards: Sequence[int]) -> dict[int, int | None]:
-        """Per shard, its earliest indexed timer's seconds past due (negative: not due yet;
-        None: no timer, or no event clock yet): wall time in `wall` mode, the shard's event
-        clock less the lateness in `event` mode."""
-        heads = await self.store.timer_heads(shards)
-        past: dict[int, int | None] = {}
-        for shard, (clock, first) in heads.items():
-            until = (
-                int(self.wall_clock())
-                if self.clock_mode == "wall"
-                else (clock or 0) - self.timer_lateness_s
-            )
-            past[shard] = until - first if first is not None and until > 0 else None
-        return past
 
     async def process_due(self, shard: int, limit: int = 500) -> BatchOutcome:
         """Fire the due timers of one shard (an input partition this worker owns)."""

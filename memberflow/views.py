@@ -105,10 +105,17 @@ class AsOfTooEarly(ValueError):
     history to look back with (recency would be negative, the labels newer than the time)."""
 
 
+def looked_at(state: CustomerState, as_of: int) -> int:
+    """The time a state can be evaluated at for `as_of`: that time, or its last purchase if
+    that is later (a state keeps no history to look back with)."""
+    last = state.last_purchase_at
+    return as_of if last is None or last <= as_of else last
+
+
 def check_as_of(state: CustomerState, as_of: int) -> None:
     """Refuse an as-of the user asked for that is before the customer's last purchase."""
     last = state.last_purchase_at
-    if last is not None and as_of < last:
+    if looked_at(state, as_of) != as_of:
         raise AsOfTooEarly(
             f"as of {iso(as_of)} is before {state.customer_id}'s last purchase ({iso(last)}): "
             "the state can be evaluated at that time or later, not looked back at"
